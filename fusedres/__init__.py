@@ -1,0 +1,32 @@
+"""fusedres: fused convolution + BatchNorm + ReLU + residual add for ResNet blocks."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fusedres import backends, models, ops, reference
+from fusedres.backends import UnsupportedInputError
+from fusedres.blocks import BasicBlock, Bottleneck
+from fusedres.convert import convert, revert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "UnsupportedInputError",
+    "backends",
+    "clear_fold_cache",
+    "convert",
+    "models",
+    "ops",
+    "reference",
+    "revert",
+]
+
+
+def clear_fold_cache(model: nn.Module) -> None:
+    """Drop every cached folded weight in `model` (needed only after writes through `.data`)."""
+    for module in model.modules():
+        if isinstance(module, (BasicBlock, Bottleneck)):
+            module._fold_cache.clear()

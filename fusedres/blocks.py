@@ -1,0 +1,260 @@
+"""Drop-in fused residual blocks: torchvision's BasicBlock and Bottleneck, run as fused ops.
+
+They are subclasses with the same constructor, attributes, `expansion` and state_dict
+keys, so `torchvision.models.ResNet(fusedres.Bottleneck, [3, 4, 6, 3])` works and
+torchvision checkpoints load unchanged. The only addition is `backend=`.
+
+Per conv/BN pair the block picks one of two paths, as nn.BatchNorm2d itself would:
+
+* running statistics in use (eval mode): BN folded into the conv (`fusedres.folding`),
+  one `conv_bias_act` op with bias, residual add and ReLU in its epilogue; a projection
+  shortcut (1x1 conv + BN) is fused into the block's last conv.
+* batch statistics (train mode, or no running stats): conv, `bn_stats`, and one
+  `scale_bias_act` pass that applies BN, the residual (itself normalised, for a
+  projection shortcut) and ReLU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from fusedres import ops
+from fusedres.backends import check_backend_name, resolve_backend_name
+from fusedres.batchnorm import batch_norm_scale_bias
+from fusedres.folding import FoldCache, uses_batch_stats
+
+
+class Projection(NamedTuple):
+    """A projection shortcut: `bn(conv(x))`, conv 1x1 with no padding."""
+
+    x: torch.Tensor
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+
+
+def _conv_reasons(name: str, conv: Any) -> list[str]:
+    if type(conv) is not nn.Conv2d:
+        return [f"{name} is {type(conv).__name__}, not nn.Conv2d"]
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return [f"{name} uses padding {conv.padding!r} with padding_mode={conv.padding_mode!r}"]
+    return []
+
+
+def _bn_reasons(name: str, bn: Any) -> list[str]:
+    if type(bn) is not nn.BatchNorm2d:
+        return [f"{name} is {type(bn).__name__}, not nn.BatchNorm2d"]
+    return []
+
+
+def split_projection(downsample: nn.Module | None) -> tuple[list[nn.Module], nn.Conv2d, nn.BatchNorm2d] | None:
+    """(pre-modules, conv, bn) when `downsample` is Sequential(*pre, 1x1 Conv2d, BatchNorm2d).
+
+    torchvision's downsample has no pre-modules; timm's resnet*d ("avg-down") has an
+    AvgPool2d (or Identity) first. Anything else is run as an opaque module.
+    """
+    if type(downsample) is not nn.Sequential or len(downsample) < 2:
+        return None
+    *pre, conv, bn = list(downsample)
+    if _conv_reasons("", conv) or _bn_reasons("", bn):
+        return None
+    if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1 or conv.dilation != (1, 1):
+        return None
+    return pre, conv, bn
+
+
+class FusedBlockMixin:
+    """The fused forward shared by BasicBlock and Bottleneck."""
+
+    backend: str
+    _fold_cache: FoldCache
+    _conv_bn_names: tuple[tuple[str, str], ...]
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = check_backend_name(backend)
+        self._fold_cache = FoldCache()
+        self._warned_fallback = False
+
+    def describe(self) -> str:
+        conv1 = self.conv1
+        return (f"fusedres.{type(self).__name__}(in_channels={conv1.in_channels}, "
+                f"out_channels={self._last_conv().out_channels}, stride={self.stride})")
+
+    def _last_conv(self) -> nn.Conv2d:
+        return getattr(self, self._conv_bn_names[-1][0])
+
+    def unfusable_reasons(self) -> list[str]:
+        """Why this block cannot run fused (then it runs torchvision's forward)."""
+        reasons: list[str] = []
+        for conv_name, bn_name in self._conv_bn_names:
+            reasons += _conv_reasons(conv_name, getattr(self, conv_name))
+            reasons += _bn_reasons(bn_name, getattr(self, bn_name))
+        if type(self.relu) is not nn.ReLU:
+            reasons.append(f"relu is {type(self.relu).__name__}, not nn.ReLU")
+        return reasons
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        where = self.describe()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
+        in_channels = self.conv1.in_channels
+        if x.dim() != 4:
+            raise ValueError(f"{where} expects a 4-D input (N, C={in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[1] != in_channels:
+            raise ValueError(f"{where} expects {in_channels} input channels (N, {in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"{where} expects a spatial size of at least 1x1, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{where} expects a floating-point input (float16, bfloat16, float32 or "
+                            f"float64), got {x.dtype}")
+        weight = self.conv1.weight
+        if x.device != weight.device:
+            raise ValueError(f"{where} has its parameters on {weight.device} but got an input on {x.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{where} has {weight.dtype} parameters but got a {x.dtype} input; convert the "
+                            f"model with .to({x.dtype}) or run under torch.autocast")
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the convolutions run in: autocast's, else the input's."""
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+            return torch.get_autocast_dtype(device_type)
+        return x.dtype
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | Projection:
+        if self.downsample is None:
+            return x
+        parts = split_projection(self.downsample)
+        if parts is None:
+            return self.downsample(x)
+        pre, conv, bn = parts
+        for module in pre:
+            x = module(x)
+        return Projection(x, conv, bn)
+
+    def _conv_bn(self, name: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *,
+                 relu: bool, backend: str, dtype: torch.dtype,
+                 shortcut: torch.Tensor | Projection | None = None) -> torch.Tensor:
+        """relu?(bn(conv(x)) + shortcut), on the folded or the batch-statistics path."""
+        if uses_batch_stats(bn):
+            return self._conv_bn_batch_stats(x, conv, bn, relu=relu, backend=backend, dtype=dtype,
+                                             shortcut=shortcut)
+        weight, bias = self._fold_cache.folded(name, conv, bn, dtype)
+        residual, shortcut_x, shortcut_weight, shortcut_stride = shortcut, None, None, [1, 1]
+        if isinstance(shortcut, Projection):
+            if uses_batch_stats(shortcut.bn):
+                residual = self._conv_bn("downsample", shortcut.x, shortcut.conv, shortcut.bn, relu=False,
+                                         backend=backend, dtype=dtype)
+            else:
+                shortcut_weight, shortcut_bias = self._fold_cache.folded("downsample", shortcut.conv,
+                                                                         shortcut.bn, dtype)
+                residual, shortcut_x = None, shortcut.x.to(dtype)
+                shortcut_stride = list(shortcut.conv.stride)
+                bias = bias + shortcut_bias
+        return ops.conv_bias_act(x.to(dtype), weight, bias, residual, shortcut_x, shortcut_weight,
+                                 list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
+                                 shortcut_stride, relu, backend)
+
+    def _conv_bn_batch_stats(self, x, conv, bn, *, relu, backend, dtype, shortcut):
+        where = f"{self.describe()}: "
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        scale, bias = batch_norm_scale_bias(y, bn, backend, where)
+        residual, residual_scale, residual_bias = shortcut, None, None
+        if isinstance(shortcut, Projection):
+            if uses_batch_stats(shortcut.bn):
+                sc = shortcut.conv
+                residual = F.conv2d(shortcut.x, sc.weight, sc.bias, sc.stride, sc.padding, sc.dilation, sc.groups)
+                residual_scale, residual_bias = batch_norm_scale_bias(residual, shortcut.bn, backend, where)
+            else:
+                residual = self._conv_bn("downsample", shortcut.x, shortcut.conv, shortcut.bn, relu=False,
+                                         backend=backend, dtype=dtype)
+        return ops.scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu, backend)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        backend = resolve_backend_name(self.backend)
+        dtype = self._compute_dtype(x)
+        out = x
+        *inner, last = self._conv_bn_names
+        for conv_name, bn_name in inner:
+            out = self._conv_bn(conv_name, out, getattr(self, conv_name), getattr(self, bn_name), relu=True,
+                                backend=backend, dtype=dtype)
+        conv_name, bn_name = last
+        return self._conv_bn(conv_name, out, getattr(self, conv_name), getattr(self, bn_name), relu=True,
+                             backend=backend, dtype=dtype, shortcut=self._shortcut(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reasons = self.unfusable_reasons()
+        if reasons:
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(f"{self.describe()} runs unfused (torchvision's forward): " + "; ".join(reasons),
+                              RuntimeWarning, stacklevel=2)
+            return self._unfused_forward(x)
+        return self._fused_forward(x)
+
+    def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class BasicBlock(FusedBlockMixin, tv_resnet.BasicBlock):
+    """torchvision.models.resnet.BasicBlock, fused: 2 convs, ReLU, residual add."""
+
+    _conv_bn_names = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Any = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._init_fused(backend)
+
+    def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tv_resnet.BasicBlock.forward(self, x)
+
+
+class Bottleneck(FusedBlockMixin, tv_resnet.Bottleneck):
+    """torchvision.models.resnet.Bottleneck, fused: 1x1 reduce, 3x3, 1x1 expand, residual add."""
+
+    _conv_bn_names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Any = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._init_fused(backend)
+
+    def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tv_resnet.Bottleneck.forward(self, x)
+
+
+FUSED_BLOCKS: tuple[type[nn.Module], ...] = (BasicBlock, Bottleneck)

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU through the interpreter when no GPU is present. It must be
+# set before any kernel is defined, so before fusedres is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clean_env(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
