@@ -1,0 +1,154 @@
+"""The op layer: schemas, fake implementations, autograd, backends against the reference."""
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import reference
+from fusedres.backends import BACKENDS, UnsupportedInputError, resolve_backend_name, select_backend
+
+
+def _conv_args(dtype=torch.float64, channels_last=False, residual=False, shortcut=False, groups=1, dilation=1,
+               stride=2, requires_grad=False):
+    x = torch.randn(2, 8, 9, 7, dtype=dtype)
+    w = torch.randn(16, 8 // groups, 3, 3, dtype=dtype) * 0.2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_h, out_w = (9 + 2 * dilation - 2 * dilation - 1) // stride + 1, (7 - 1) // stride + 1
+    b = torch.randn(16, dtype=reference.accumulation_dtype(dtype))
+    r = torch.randn(2, 16, out_h, out_w, dtype=dtype) if residual else None
+    sx = torch.randn(2, 4, 9, 7, dtype=dtype) if shortcut else None
+    sw = torch.randn(16, 4, 1, 1, dtype=dtype) * 0.3 if shortcut else None
+    tensors = [x, w, b, r, sx, sw]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return (*tensors, [stride, stride], [dilation, dilation], [dilation, dilation], groups, [stride, stride])
+
+
+CONV_CASES = [
+    pytest.param({}, id="plain"),
+    pytest.param({"residual": True}, id="residual"),
+    pytest.param({"shortcut": True}, id="projection"),
+    pytest.param({"groups": 4, "stride": 1}, id="groups4"),
+    pytest.param({"dilation": 2, "stride": 1}, id="dilation2"),
+    pytest.param({"channels_last": True, "residual": True}, id="channels_last"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_bias_act_opcheck(case, relu):
+    args = _conv_args(requires_grad=True, **case)
+    torch.library.opcheck(torch.ops.fusedres.conv_bias_act.default, (*args, relu, "torch"))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_bias_act_gradcheck(case):
+    args = _conv_args(requires_grad=True, **case)
+    tensors, rest = args[:6], args[6:]
+
+    def fn(*ts):
+        return fusedres.ops.conv_bias_act(*ts, *rest, True, "torch")
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_bias_act_cpu_fast_path_matches_reference(case, relu):
+    """float32 on the CPU takes oneDNN's fused convolution; it must match the reference
+    computed in float64 to float32 accuracy scaled by the reduction length."""
+    args64 = _conv_args(**case)
+    args32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args64]
+    expected = reference.conv_bias_act(*args64, relu)
+    out = fusedres.ops.conv_bias_act(*args32, relu, "torch")
+    reduction = 8 * 9 + 4
+    error = (out.double() - expected).abs().max().item()
+    assert error <= 4 * reduction * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    assert out.stride() == expected.float().contiguous(
+        memory_format=reference.conv_output_memory_format(args32[0], args32[1])).stride()
+    assert not torch.isnan(out).any()
+
+
+def _bn_args(dtype=torch.float64, requires_grad=False, residual=None):
+    y = torch.randn(3, 6, 5, 4, dtype=dtype) * 2 + 1
+    acc = reference.accumulation_dtype(dtype)
+    scale, bias = torch.randn(6, dtype=acc), torch.randn(6, dtype=acc)
+    r = rs = rb = None
+    if residual in ("identity", "projection"):
+        r = torch.randn(3, 6, 5, 4, dtype=dtype)
+    if residual == "projection":
+        rs, rb = torch.randn(6, dtype=acc), torch.randn(6, dtype=acc)
+    tensors = [y, scale, bias, r, rs, rb]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return tensors
+
+
+@pytest.mark.parametrize("residual", [None, "identity", "projection"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_scale_bias_act_opcheck_and_gradcheck(residual, relu):
+    tensors = _bn_args(requires_grad=True, residual=residual)
+    torch.library.opcheck(torch.ops.fusedres.scale_bias_act.default, (*tensors, relu, "torch"))
+    assert torch.autograd.gradcheck(lambda *t: fusedres.ops.scale_bias_act(*t, relu, "torch"),
+                                    [t for t in tensors], eps=1e-6, atol=1e-6)
+
+
+def test_bn_stats_opcheck_gradcheck_and_values():
+    y = (torch.randn(3, 6, 5, 4, dtype=torch.float64) * 3 + 1e4).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fusedres.bn_stats.default, (y, "torch"))
+    assert torch.autograd.gradcheck(lambda t: fusedres.ops.bn_stats(t, "torch"), [y], eps=1e-6, atol=1e-6)
+    mean, var = fusedres.ops.bn_stats(y, "torch")
+    torch.testing.assert_close(mean, y.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bn_stats_accumulate_in_float32(dtype):
+    y = torch.randn(4, 3, 16, 16).to(dtype) + 100
+    mean, var = fusedres.ops.bn_stats(y, "torch")
+    assert mean.dtype == var.dtype == torch.float32
+    exact = y.double()
+    torch.testing.assert_close(mean.double(), exact.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), exact.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_unavailable_backend_raises_with_every_reason():
+    x = torch.randn(2, 3, 4, 4)
+    for name in ("triton", "cuda"):
+        with pytest.raises(UnsupportedInputError, match=f"the '{name}' backend cannot run bn_stats") as info:
+            fusedres.ops.bn_stats(x, name)
+        assert "inputs are on cpu" in str(info.value)
+        assert "not implemented" in str(info.value)
+
+
+def test_auto_on_cpu_picks_torch_silently(recwarn):
+    x = torch.randn(2, 3, 4, 4)
+    assert select_backend("auto", "bn_stats", [x]) is BACKENDS["torch"]
+    assert not [w for w in recwarn if "fusedres" in str(w.message)]
+
+
+def test_backend_names_and_env_var(monkeypatch):
+    assert resolve_backend_name("auto") == "auto"
+    monkeypatch.setenv("FUSEDRES_BACKEND", "torch")
+    assert resolve_backend_name("auto") == "torch"
+    assert resolve_backend_name("triton") == "triton"  # an explicit block setting wins
+    monkeypatch.setenv("FUSEDRES_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FUSEDRES_BACKEND"):
+        resolve_backend_name("auto")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fusedres.Bottleneck(8, 2, backend="fast")
+
+
+def test_block_with_explicit_triton_backend_raises_on_cpu(monkeypatch):
+    block = fusedres.BasicBlock(4, 4, backend="triton").eval()
+    with pytest.raises(NotImplementedError, match="triton"):
+        block(torch.randn(1, 4, 5, 5))
+    monkeypatch.setenv("FUSEDRES_BACKEND", "cuda")
+    block.backend = "auto"
+    with pytest.raises(NotImplementedError, match="cuda"):
+        block(torch.randn(1, 4, 5, 5))
