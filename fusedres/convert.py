@@ -70,7 +70,7 @@ def _fused_from_timm(block: nn.Module, backend: str) -> FusedBlockMixin:
     fused.relu = nn.ReLU(inplace=True)
     fused.downsample = block.downsample
     fused.stride = block.stride
-    fused.train(block.training)
+    fused.training = block.training  # not .train(): that would reset each BN's own mode
     fused._init_fused(backend)
     object.__setattr__(fused, _SOURCE_ATTR, block)
     return fused
@@ -102,7 +102,7 @@ def _to_plain(module: nn.Module) -> nn.Module | None:
             setattr(plain, conv_name, getattr(module, conv_name))
             setattr(plain, bn_name, getattr(module, bn_name))
         plain.downsample = module.downsample
-        plain.train(module.training)
+        plain.training = module.training  # not .train(): that would reset each BN's own mode
         return plain
     cls = _FUSED_TO_TORCHVISION.get(type(module))
     if cls is None:

@@ -13,7 +13,9 @@ def test_compile_fullgraph_resnet18(mode):
     torch.manual_seed(0)
     model = randomize_bn(fusedres.models.resnet18(num_classes=10))
     model.train(mode == "train")
-    x = torch.randn(2, 3, 32, 32)
+    # 4x64x64 keeps at least 16 values per channel in layer4's BN: with fewer, batch
+    # statistics amplify float32 rounding (inductor reorders sums) far past 1e-4.
+    x = torch.randn(4, 3, 64, 64)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         expected = model(x)

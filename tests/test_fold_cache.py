@@ -36,8 +36,8 @@ def test_cache_is_filled_and_reused():
         model(x)
     assert _cache_entries(model) == 8 * 2 + 3  # two convs per block plus three projections
     block = model.layer1[0]
-    weight_before = block._fold_cache.folded("conv1", block.conv1, block.bn1, torch.float32)[0]
     with torch.no_grad():
+        weight_before = block._fold_cache.folded("conv1", block.conv1, block.bn1, torch.float32)[0]
         model(x)
         assert block._fold_cache.folded("conv1", block.conv1, block.bn1, torch.float32)[0] is weight_before
 

@@ -36,11 +36,17 @@ def test_eval_parity(name):
         assert_close_scaled(fused(x), expected, 1e-9, name)
 
 
+# The 101/152-layer variants repeat the blocks of their 50-layer siblings; on this
+# 2-core CI machine they take one SGD step (still: outputs, input and parameter
+# gradients, running stats) to keep the suite short.
+DEEP = {"resnet101", "resnet152", "resnext101_32x8d", "wide_resnet101_2"}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_train_parity(name):
     reference, fused = _build(name)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    assert_train_parity(reference, fused, x, steps=3)
+    assert_train_parity(reference, fused, x, steps=1 if name in DEEP else 3)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

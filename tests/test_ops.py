@@ -38,8 +38,8 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
-@pytest.mark.parametrize("relu", [True, False])
-def test_conv_bias_act_opcheck(case, relu):
+def test_conv_bias_act_opcheck(case):
+    relu = "shortcut" not in case  # both values covered, without doubling the slow opcheck
     args = _conv_args(requires_grad=True, **case)
     torch.library.opcheck(torch.ops.fusedres.conv_bias_act.default, (*args, relu, "torch"))
 

@@ -28,15 +28,26 @@ def _mkldnn_pointwise_available() -> bool:
 _MKLDNN_POINTWISE = _mkldnn_pointwise_available()
 
 
-def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """One summing pass per tensor: a NaN or an Inf anywhere makes the sum non-finite.
+    (A finite tensor whose sum overflows reads as non-finite too: that only costs the
+    slower path, never a wrong answer.)"""
+    return all(t is None or bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, *others: torch.Tensor | None) -> bool:
+    if not (
         _MKLDNN_POINTWISE
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() > 0
-    )
+    ):
+        return False
+    # oneDNN's fused ReLU maps NaN to 0 where torch.relu keeps it: inputs with NaN or Inf
+    # (which can make NaN inside the conv) take the reference path, so NaN propagates.
+    return not relu or _all_finite(x, weight, *others)
 
 
 def _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, other=None):
@@ -59,7 +70,7 @@ class TorchBackend(Backend):
 
     def conv_bias_act(self, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
                       dilation, groups, shortcut_stride, relu):
-        if not _use_mkldnn(x, weight):
+        if not _use_mkldnn(x, weight, relu, residual, shortcut_x, shortcut_weight):
             return reference.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride,
                                            padding, dilation, groups, shortcut_stride, relu)
         memory_format = reference.conv_output_memory_format(x, weight)
