@@ -1,0 +1,1 @@
+"""Triton kernels for fusedres (implicit-GEMM convolutions on channels_last tensors)."""

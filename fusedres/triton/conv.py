@@ -1,0 +1,351 @@
+"""Fused implicit-GEMM convolution on NHWC (channels_last) tensors.
+
+    out = act(conv2d(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight))
+
+with the optional input prologue P(x) = relu?(x * in_scale[c] + in_shift[c]) (fp32 math,
+applied before the conv's zero padding: padded taps contribute 0). Semantics otherwise
+match `fusedres.reference.conv_bias_act`.
+
+GEMM view, per group g:
+
+* M = N*P*Q output pixels (rows), N = OC/groups output channels (columns),
+* K = KH*KW*Cg, ordered (kh, kw, c) with c fastest, so the A tile of one tap is BLOCK_K
+  consecutive NHWC channels of one input pixel per row (a contiguous load), and the
+  weight is rearranged once per call into a K-major [KH*KW*Cg, OC] matrix.
+
+Grid: axis 0 tiles M; axis 1 enumerates (group, N tile) pairs, N tiles never straddle
+a group. Each program runs one K loop with two variants (a constexpr):
+
+* tap mode (Cg a multiple of 16): iteration i covers tap i // ceil(Cg/BLOCK_K) and a
+  BLOCK_K chunk of that tap's channels; the K tail of every tap is masked.
+* flat mode (other Cg: the 3-channel stem, ResNeXt's 4-channel groups): iteration i covers
+  K indices [i*BLOCK_K, (i+1)*BLOCK_K) of the flattened (kh, kw, c) axis, decomposed per
+  element, so tiny Cg does not waste most of every BLOCK_K >= 16 tile.
+
+A projection shortcut adds a second K loop over shortcut_x's channels (1x1, groups=1,
+stride shortcut_stride) into the same fp32 accumulator, so its output is never written.
+The epilogue (bias, residual, ReLU, cast) runs in fp32. Global offsets are int64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Hopper-sensible tiles; `_prune_configs` shrinks BLOCK_N/BLOCK_K to the problem.
+_GPU_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 64, 32, 4, 3),
+    _config(128, 32, 64, 4, 4),
+    _config(64, 16, 64, 4, 3),
+]
+# The interpreter runs every program in Python: one small config, nothing to tune.
+_CONFIGS = [_config(32, 16, 16, 4, 1)] if _INTERPRET else _GPU_CONFIGS
+
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config's pipeline may use (H100 has 227 KiB)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Shrink BLOCK_N / BLOCK_K to the problem (tiny groups, stem) and drop duplicates and
+    configs whose pipelined tiles overflow shared memory."""
+    args = {**named_args, **kwargs}
+    ocg, cg, k_total, flat_k = args["OCg"], args["Cg"], args["K_TOTAL"], args["FLAT_K"]
+    elem = args["x_ptr"].element_size()
+    bn_cap = max(16, _pow2_at_least(ocg))
+    bk_cap = max(16, _pow2_at_least(k_total if flat_k else cg))
+    out, seen = [], set()
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], min(cfg.kwargs["BLOCK_N"], bn_cap), min(cfg.kwargs["BLOCK_K"], bk_cap)
+        while not flat_k and bk > 16 and cg % bk:  # tap mode: chunks should tile Cg exactly
+            bk //= 2
+        if cfg.num_stages * (bm * bk + bk * bn) * elem > _SMEM_BUDGET:
+            continue
+        key = (bm, bn, bk, cfg.num_warps, cfg.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(_config(*key))
+    return out or [_config(64, 16, 16, 4, 2)]
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's dot mishandles bfloat16
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "OC", "OCg", "Cg", "K_TOTAL", "Cs"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _conv_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, sx_ptr, sw_ptr, scale_ptr, shift_ptr, out_ptr,
+    M, H, W, C, P, Q, OC, Cg, OCg, K_TOTAL,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    Hs, Ws, Cs, sstride_h, sstride_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, RELU: tl.constexpr,
+    FLAT_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_tiles = tl.cdiv(OCg, BLOCK_N)
+    g = pid_n // n_tiles
+    tile_n = pid_n % n_tiles
+
+    # Rows: output pixels (n, p, q), int64 so that every offset built from them is int64.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n_img = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    # Columns: output channels of group g.
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < OCg
+    offs_oc = g * OCg + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
+    c_base = g * Cg
+
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if FLAT_K:
+        n_iters = tl.cdiv(K_TOTAL, BLOCK_K)
+    else:
+        n_chunks = tl.cdiv(Cg, BLOCK_K)
+        n_iters = KH * KW * n_chunks
+    for it in range(0, n_iters):
+        if FLAT_K:
+            k = it * BLOCK_K + offs_k  # flattened (kh, kw, c) index
+            mask_k = k < K_TOTAL
+            tap = k // Cg
+            c = k % Cg
+            h = h0[:, None] + ((tap // KW) * dil_h)[None, :]
+            w = w0[:, None] + ((tap % KW) * dil_w)[None, :]
+            a_mask = mask_m[:, None] & mask_k[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_ptrs = x_ptr + ((n_img[:, None] * H + h) * W + w) * C + (c_base + c)[None, :]
+        else:
+            tap = it // n_chunks
+            c = (it % n_chunks) * BLOCK_K + offs_k
+            mask_k = c < Cg
+            k = tap * Cg + c
+            h = h0 + (tap // KW) * dil_h
+            w = w0 + (tap % KW) * dil_w
+            row_ok = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_mask = row_ok[:, None] & mask_k[None, :]
+            a_ptrs = x_ptr + (((n_img * H + h) * W + w) * C + c_base)[:, None] + c[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:
+            scale = tl.load(scale_ptr + c_base + c, mask=mask_k, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptr + c_base + c, mask=mask_k, other=0.0).to(tl.float32)
+            v = a.to(tl.float32) * scale[None, :] + shift[None, :]
+            if PROLOGUE_RELU:
+                v = tl.where(v < 0, 0.0, v)  # keeps NaN, like torch.relu
+            a = tl.where(a_mask, v, 0.0).to(x_ptr.dtype.element_ty)  # zero padding after the prologue
+        b_ptrs = w_ptr + k[:, None] * OC + offs_oc[None, :]
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
+
+    if HAS_SHORTCUT:
+        # 1x1 projection shortcut, groups=1: a second K loop over shortcut_x's channels.
+        s_row = ((n_img * Hs + p * sstride_h) * Ws + q * sstride_w) * Cs
+        for c0 in range(0, Cs, BLOCK_K):
+            c = c0 + offs_k
+            mask_k = c < Cs
+            a = tl.load(sx_ptr + s_row[:, None] + c[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(sw_ptr + c[:, None] * OC + offs_oc[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                        other=0.0)
+            acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
+
+    # Epilogue in fp32.
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_oc, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m[:, None] * OC + offs_oc[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(e) for e in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected the same device as x ({device})")
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    shortcut_x: torch.Tensor | None = None,
+    shortcut_weight: torch.Tensor | None = None,
+    stride: int | tuple[int, int] | list[int] = (1, 1),
+    padding: int | tuple[int, int] | list[int] = (0, 0),
+    dilation: int | tuple[int, int] | list[int] = (1, 1),
+    groups: int = 1,
+    shortcut_stride: int | tuple[int, int] | list[int] = (1, 1),
+    relu: bool = False,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    prologue_relu: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(conv2d(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) in one kernel.
+
+    P(x) = relu?(x * in_scale + in_shift) per input channel when `in_scale`/`in_shift` are
+    given (ReLU if `prologue_relu`), else x. x, weight, residual, shortcut_x and
+    shortcut_weight share one dtype (float16, bfloat16 or float32); bias, in_scale and
+    in_shift may be any floating dtype and are used in fp32. Returns a new channels_last
+    (N, OC, P, Q) tensor in x's dtype, or writes into `out` (channels_last, same shape/dtype,
+    aliasing no input: autotuning may run the kernel several times).
+    """
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv_bias_act expects a 4-D x (N, C, H, W) and a 4-D weight (OC, C/groups, KH, KW), "
+                         f"got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton conv_bias_act kernel supports float16, bfloat16 and float32, got {x.dtype}")
+    for name, t in (("weight", weight), ("residual", residual), ("shortcut_x", shortcut_x),
+                    ("shortcut_weight", shortcut_weight), ("out", out)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+    for name, t in (("bias", bias), ("in_scale", in_scale), ("in_shift", in_shift)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _check_device(x.device, weight=weight, bias=bias, residual=residual, shortcut_x=shortcut_x,
+                  shortcut_weight=shortcut_weight, in_scale=in_scale, in_shift=in_shift, out=out)
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the Triton conv_bias_act kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got x on {x.device}")
+
+    n, c_in, h_in, w_in = x.shape
+    oc, cg, kh, kw = weight.shape
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if cg * groups != c_in:
+        raise ValueError(f"x has {c_in} channels, expected weight.shape[1] * groups = {cg} * {groups} = {cg * groups}")
+    if oc % groups:
+        raise ValueError(f"weight has {oc} output channels, expected a multiple of groups={groups}")
+    st_h, st_w = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    ssh, ssw = _pair(shortcut_stride, "shortcut_stride")
+    if min(st_h, st_w, dh, dw, ssh, ssw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride/dilation/shortcut_stride must be >= 1 and padding >= 0, got stride={(st_h, st_w)}, "
+                         f"padding={(ph, pw)}, dilation={(dh, dw)}, shortcut_stride={(ssh, ssw)}")
+    p_out, q_out = _conv_out_size(h_in, kh, st_h, ph, dh), _conv_out_size(w_in, kw, st_w, pw, dw)
+    if p_out < 1 or q_out < 1:
+        raise ValueError(f"output size {(p_out, q_out)} is empty: input {(h_in, w_in)} is too small for kernel "
+                         f"{(kh, kw)} with padding {(ph, pw)} and dilation {(dh, dw)}")
+    out_shape = (n, oc, p_out, q_out)
+
+    if bias is not None and tuple(bias.shape) != (oc,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({oc},)")
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output shape {out_shape}")
+    if (shortcut_x is None) != (shortcut_weight is None):
+        raise ValueError("shortcut_x and shortcut_weight must be given together")
+    hs = ws = cs = 0
+    if shortcut_x is not None:
+        if shortcut_x.dim() != 4:
+            raise ValueError(f"shortcut_x must be 4-D (N, C, H, W), got shape {tuple(shortcut_x.shape)}")
+        _, cs, hs, ws = shortcut_x.shape
+        if tuple(shortcut_weight.shape) != (oc, cs, 1, 1):
+            raise ValueError(f"shortcut_weight has shape {tuple(shortcut_weight.shape)}, expected ({oc}, {cs}, 1, 1) "
+                             f"(a 1x1 conv from shortcut_x's {cs} channels to {oc})")
+        s_out = (shortcut_x.shape[0], (hs - 1) // ssh + 1, (ws - 1) // ssw + 1)
+        if s_out != (n, p_out, q_out):
+            raise ValueError(f"the shortcut conv gives batch and size {s_out}, expected the main conv's "
+                             f"{(n, p_out, q_out)}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    if prologue_relu and in_scale is None:
+        raise ValueError("prologue_relu needs in_scale and in_shift")
+    for name, t in (("in_scale", in_scale), ("in_shift", in_shift)):
+        if t is not None and tuple(t.shape) != (c_in,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({c_in},), one value per input channel")
+    if out is None:
+        out = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    elif tuple(out.shape) != out_shape or not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"out must be a channels_last-contiguous tensor of shape {out_shape}, "
+                         f"got shape {tuple(out.shape)} and strides {out.stride()}")
+
+    m = n * p_out * q_out
+    if m == 0 or oc == 0:
+        return out
+
+    cl = torch.channels_last
+    x = x.contiguous(memory_format=cl)
+    # K-major weight: row (kh*KW + kw)*Cg + c, column oc.
+    w_k = weight.permute(2, 3, 1, 0).reshape(kh * kw * cg, oc).contiguous()
+    bias_t = bias.float().contiguous() if bias is not None else x
+    res_t = residual.contiguous(memory_format=cl) if residual is not None else x
+    if shortcut_x is not None:
+        sx_t = shortcut_x.contiguous(memory_format=cl)
+        sw_t = shortcut_weight.reshape(oc, cs).t().contiguous()
+    else:
+        sx_t = sw_t = x
+    scale_t = in_scale.float().contiguous() if in_scale is not None else x
+    shift_t = in_shift.float().contiguous() if in_shift is not None else x
+
+    ocg = oc // groups
+    if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(ocg, meta["BLOCK_N"]))
+
+    _conv_kernel[grid](
+        x, w_k, bias_t, res_t, sx_t, sw_t, scale_t, shift_t, out,
+        m, h_in, w_in, c_in, p_out, q_out, oc, cg, ocg, kh * kw * cg,
+        st_h, st_w, ph, pw, dh, dw,
+        hs, ws, cs, ssh, ssw,
+        KH=kh, KW=kw,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SHORTCUT=shortcut_x is not None,
+        HAS_PROLOGUE=in_scale is not None, PROLOGUE_RELU=prologue_relu, RELU=relu,
+        FLAT_K=cg % 16 != 0, UPCAST=_INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+    )
+    return out

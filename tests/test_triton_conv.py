@@ -1,0 +1,339 @@
+"""fusedres.triton.conv.conv_bias_act against the float64 reference.
+
+Without a GPU the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+so the shapes are tiny; they still cover multiple M tiles with tails, several N tiles,
+both K-loop variants (tap mode for Cg % 16 == 0, flat mode otherwise) and every fusion.
+
+Error bounds, elementwise, with mag = conv(|P(x)|, |w|) + |bias| + |residual| +
+conv1x1(|shortcut_x|, |shortcut_w|) in float64 (the sum of magnitudes of all terms of that
+output, which bounds every rounding error made while adding them):
+
+* float32 (IEEE dot, fp32 accumulation): a sum of K terms rounds to within ~sqrt(K)*eps32*mag
+  (random rounding errors; the worst case is K*eps32*mag), and the fp32 prologue adds
+  ~2*eps32 per input -> atol = (4*sqrt(K) + 2) * eps32 * mag.
+* float16: the products and the fp32 accumulation are as above (negligible at fp16
+  precision); the rounding of P(x) to fp16 costs <= eps16/2 * mag and the final rounding
+  <= eps16/2 * |ref| <= eps16/2 * mag, so the worst case is eps16 * mag: we allow 2x that.
+  PyTorch's own fp16 conv (one rounding of the output) has the same eps16/2 * |ref| term.
+* float32 on a GPU with torch.backends.cudnn.allow_tf32 (the kernel then uses TF32, like
+  cuDNN): each operand keeps 10 mantissa bits (truncated by the tensor cores, worst case),
+  <= 2**-9 relative per product -> 2**-9 * mag, we allow 2x that. The tests default to
+  allow_tf32=False (IEEE) except test_float32_gpu.
+* bfloat16 under the interpreter: the interpreter truncates fp32 -> bf16 instead of rounding
+  to nearest, so each of the two roundings costs up to a full eps_bf16: worst case
+  2 * eps_bf16 * mag, we allow 2x that. On a GPU (round to nearest) the fp16 argument holds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fusedres import reference
+from fusedres.triton import conv as tconv
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _case(c, oc, hw, k, stride=1, pad=0, dil=1, groups=1, n=2, bias=True, residual=False, relu=False,
+          prologue=None, shortcut=None, nchw=False):
+    """prologue: None, "affine" or "relu"; shortcut: None or (shortcut channels, shortcut stride)."""
+    return dict(n=n, c=c, oc=oc, hw=hw, k=k, stride=stride, pad=pad, dil=dil, groups=groups, bias=bias,
+                residual=residual, relu=relu, prologue=prologue, shortcut=shortcut, nchw=nchw)
+
+
+CASES = [
+    pytest.param(_case(16, 20, (7, 9), 1, residual=True, relu=True), id="1x1-tap-res-relu"),
+    pytest.param(_case(32, 24, (7, 9), 3, pad=1, relu=True), id="3x3-tap-2chunks"),
+    pytest.param(_case(12, 20, (9, 9), 3, stride=2, pad=1, bias=False), id="3x3-s2-flat-nobias"),
+    pytest.param(_case(16, 16, (9, 7), 3, pad=2, dil=2, residual=True, n=1), id="3x3-dil2"),
+    pytest.param(_case(20, 12, (7, 9), 3, stride=2, pad=1, dil=2, relu=True), id="3x3-s2-dil2"),
+    pytest.param(_case(4, 8, (5, 6), 3, pad=3, relu=True), id="3x3-pad3-allpadded-rows"),
+    pytest.param(_case(16, 8, (7, 9), 3, pad=0, bias=False, n=1), id="3x3-pad0"),
+    pytest.param(_case(3, 8, (9, 9), 7, stride=2, pad=3, relu=True, n=1), id="7x7-stem-c3"),
+    pytest.param(_case(64, 64, (7, 9), 3, pad=1, groups=4, residual=True, relu=True, n=1), id="g4-tap"),
+    pytest.param(_case(16, 16, (7, 9), 3, pad=1, groups=4, relu=True), id="g4-tiny-cg4"),
+    pytest.param(_case(20, 12, (9, 9), 3, stride=2, pad=1, dil=2, groups=4, residual=True), id="g4-cg5-s2-dil2"),
+    pytest.param(_case(12, 20, (7, 9), 3, pad=1, prologue="affine"), id="prologue-affine"),
+    pytest.param(_case(16, 16, (7, 9), 3, pad=1, prologue="relu", relu=True), id="prologue-relu-pad"),
+    pytest.param(_case(16, 24, (5, 7), 1, prologue="relu", residual=True), id="prologue-1x1"),
+    pytest.param(_case(16, 16, (7, 9), 3, pad=1, groups=4, prologue="relu"), id="prologue-g4"),
+    pytest.param(_case(16, 24, (4, 5), 1, relu=True, shortcut=(12, 2)), id="shortcut-s2"),
+    pytest.param(_case(12, 16, (7, 9), 3, stride=2, pad=1, relu=True, shortcut=(20, 2), prologue="relu"),
+                 id="shortcut-3x3-prologue"),
+    pytest.param(_case(16, 20, (7, 9), 1, shortcut=(24, 1), bias=False), id="shortcut-s1-nobias"),
+    pytest.param(_case(12, 20, (7, 9), 3, pad=1, residual=True, relu=True, nchw=True), id="nchw-inputs"),
+    pytest.param(_case(16, 16, (7, 9), 3, pad=1, relu=True, shortcut=(12, 1), groups=4, nchw=True, n=1),
+                 id="nchw-g4-shortcut"),
+]
+
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
+       torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+
+
+def _inputs(cfg, dtype, device=DEVICE):
+    n, c, oc, (h, w), k, g = cfg["n"], cfg["c"], cfg["oc"], cfg["hw"], cfg["k"], cfg["groups"]
+    fmt = torch.contiguous_format if cfg["nchw"] else CL
+    t = {"x": torch.randn(n, c, h, w).to(device, dtype).contiguous(memory_format=fmt),
+         # A weight in the other memory format: the launcher must rearrange either.
+         "weight": (torch.randn(oc, c // g, k, k) / math.sqrt(c // g * k * k)).to(device, dtype)
+         .contiguous(memory_format=CL if cfg["nchw"] else torch.contiguous_format)}
+    t["bias"] = torch.randn(oc, device=device) if cfg["bias"] else None
+    p = (h + 2 * cfg["pad"] - cfg["dil"] * (k - 1) - 1) // cfg["stride"] + 1
+    q = (w + 2 * cfg["pad"] - cfg["dil"] * (k - 1) - 1) // cfg["stride"] + 1
+    t["residual"] = None
+    if cfg["residual"]:
+        t["residual"] = torch.randn(n, oc, p, q).to(device, dtype).contiguous(memory_format=fmt)
+    t["shortcut_x"] = t["shortcut_weight"] = None
+    if cfg["shortcut"] is not None:
+        cs, ss = cfg["shortcut"]
+        # The largest input a 1x1 conv with stride ss maps onto (p, q); the last row/column is odd-sized.
+        t["shortcut_x"] = torch.randn(n, cs, (p - 1) * ss + 1, (q - 1) * ss + 1).to(device, dtype) \
+            .contiguous(memory_format=fmt)
+        t["shortcut_weight"] = (torch.randn(oc, cs, 1, 1) / math.sqrt(cs)).to(device, dtype)
+    t["in_scale"] = t["in_shift"] = None
+    if cfg["prologue"] is not None:
+        t["in_scale"] = torch.rand(c, device=device) + 0.5
+        # Mostly positive shifts: relu(shift) != 0, so padding applied before the prologue would show.
+        t["in_shift"] = torch.rand(c, device=device) * 1.5 - 0.25
+    return t
+
+
+def _conv_args(cfg):
+    s = cfg["shortcut"][1] if cfg["shortcut"] is not None else 1
+    return dict(stride=(cfg["stride"],) * 2, padding=(cfg["pad"],) * 2, dilation=(cfg["dil"],) * 2,
+                groups=cfg["groups"], shortcut_stride=(s, s))
+
+
+def _reference(t, cfg, absolute=False):
+    """float64 reference (or, with absolute=True, the magnitude sum that bounds rounding errors)."""
+    a = _conv_args(cfg)
+
+    def d(v):
+        return None if v is None else (v.double().abs() if absolute else v.double())
+
+    x = t["x"].double()
+    if t["in_scale"] is not None:
+        x = x * t["in_scale"].double().view(1, -1, 1, 1) + t["in_shift"].double().view(1, -1, 1, 1)
+        if cfg["prologue"] == "relu":
+            x = torch.relu(x)
+    if absolute:
+        x = x.abs()
+    return reference.conv_bias_act(x, d(t["weight"]), d(t["bias"]), d(t["residual"]), d(t["shortcut_x"]),
+                                   d(t["shortcut_weight"]), list(a["stride"]), list(a["padding"]),
+                                   list(a["dilation"]), a["groups"], list(a["shortcut_stride"]),
+                                   cfg["relu"] and not absolute)
+
+
+def _run(t, cfg, out=None):
+    return tconv.conv_bias_act(t["x"], t["weight"], t["bias"], t["residual"], t["shortcut_x"], t["shortcut_weight"],
+                               relu=cfg["relu"], in_scale=t["in_scale"], in_shift=t["in_shift"],
+                               prologue_relu=cfg["prologue"] == "relu", out=out, **_conv_args(cfg))
+
+
+def _reduction_length(cfg):
+    cs = cfg["shortcut"][0] if cfg["shortcut"] is not None else 0
+    return cfg["k"] ** 2 * (cfg["c"] // cfg["groups"]) + cs + 2
+
+
+def _tolerance_factor(cfg, dtype, interpreted):
+    if dtype == torch.float32 and not interpreted and torch.backends.cudnn.allow_tf32:
+        return 2 * 2.0**-9
+    if dtype == torch.float32:
+        return (4 * math.sqrt(_reduction_length(cfg)) + 2) * EPS[dtype]
+    if dtype == torch.bfloat16 and interpreted:
+        return 4 * EPS[dtype]
+    return 2 * EPS[dtype]
+
+
+def _check(cfg, dtype, device=DEVICE, interpreted=INTERPRET):
+    t = _inputs(cfg, dtype, device)
+    ref = _reference(t, cfg)
+    mag = _reference(t, cfg, absolute=True)
+    # Poisoned output: any element the kernel fails to write stays NaN and fails the check.
+    out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=CL)
+    got = _run(t, cfg, out=out)
+    assert got is out
+    assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous(memory_format=CL)
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output elements"
+    err = (got.double() - ref).abs()
+    bound = _tolerance_factor(cfg, dtype, interpreted) * mag + 1e-30
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"max error / bound = {worst:.3f} (max abs error {err.max().item():.3e})"
+    return t, ref, got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", CASES)
+def test_matches_reference(cfg, dtype):
+    _check(cfg, dtype)
+
+
+@pytest.mark.parametrize("cfg", [CASES[1], CASES[9], CASES[16]])
+def test_bfloat16_interpreted(cfg):
+    if not INTERPRET:
+        pytest.skip("interpreter-only tolerance; see test_bfloat16_gpu")
+    _check(cfg, torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [CASES[0], CASES[4], CASES[7]])
+def test_fp16_error_close_to_torch(cfg):
+    """Our fp16 error is at most ~2x that of PyTorch's own fp16 conv (CPU) against float64."""
+    t, ref, got = _check(cfg, torch.float16)
+    cpu = {k: None if v is None else v.cpu() for k, v in t.items()}
+    a = _conv_args(cfg)
+    try:
+        theirs = reference.conv_bias_act(cpu["x"], cpu["weight"], cpu["bias"], cpu["residual"], cpu["shortcut_x"],
+                                         cpu["shortcut_weight"], list(a["stride"]), list(a["padding"]),
+                                         list(a["dilation"]), a["groups"], list(a["shortcut_stride"]), cfg["relu"])
+    except RuntimeError as e:  # pragma: no cover - depends on the CPU build
+        pytest.skip(f"no fp16 CPU conv in this torch build: {e}")
+    ref = ref.cpu()
+    ours = (got.cpu().double() - ref).abs().max().item()
+    torch_err = (theirs.double() - ref).abs().max().item()
+    # Both are dominated by the final rounding (half an fp16 ulp of the largest outputs).
+    assert ours <= 2 * torch_err + 1e-6, f"ours {ours:.3e} vs torch fp16 {torch_err:.3e}"
+
+
+def test_fresh_output_and_positional_defaults():
+    x = torch.randn(1, 12, 5, 7, device=DEVICE)
+    w = torch.randn(20, 12, 3, 3, device=DEVICE)
+    out = tconv.conv_bias_act(x, w, padding=1)
+    ref = reference.conv_bias_act(x.double(), w.double(), None, None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                  [1, 1], False)
+    assert out.shape == (1, 20, 5, 7) and out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    # int arguments are accepted for stride / padding / dilation.
+    out2 = tconv.conv_bias_act(x, w, stride=2, padding=2, dilation=2)
+    ref2 = reference.conv_bias_act(x.double(), w.double(), None, None, None, None, [2, 2], [2, 2], [2, 2], 1,
+                                   [1, 1], False)
+    torch.testing.assert_close(out2.double(), ref2, atol=1e-4, rtol=1e-4)
+
+
+def test_asymmetric_stride_padding():
+    x = torch.randn(2, 16, 7, 9, device=DEVICE)
+    w = torch.randn(16, 16, 3, 1, device=DEVICE)
+    out = tconv.conv_bias_act(x, w, stride=(1, 2), padding=(1, 0), dilation=(2, 1), relu=True)
+    ref = reference.conv_bias_act(x.double(), w.double(), None, None, None, None, [1, 2], [1, 0], [2, 1], 1,
+                                  [1, 1], True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_nan_propagates_like_reference():
+    x = torch.randn(1, 16, 7, 9, device=DEVICE)
+    x[0, 3, 2, 4] = float("nan")
+    w = torch.randn(16, 16, 3, 3, device=DEVICE)
+    out = tconv.conv_bias_act(x, w, padding=1, relu=True)
+    ref = reference.conv_bias_act(x.double(), w.double(), None, None, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                  [1, 1], True)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().sum() == 9 * 16
+
+
+def test_prune_configs_fit_the_problem():
+    x16 = torch.empty(1, dtype=torch.float16)
+    x32 = torch.empty(1, dtype=torch.float32)
+    full = tconv._prune_configs(tconv._GPU_CONFIGS, {"OCg": 256, "Cg": 256, "K_TOTAL": 2304, "x_ptr": x16},
+                                FLAT_K=False)
+    assert len(full) == len(tconv._GPU_CONFIGS)
+    # ResNeXt 32x4d's first stage: 4 channels per group in and out.
+    tiny = tconv._prune_configs(tconv._GPU_CONFIGS, {"OCg": 4, "Cg": 4, "K_TOTAL": 36, "x_ptr": x16}, FLAT_K=True)
+    assert all(c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_K"] <= 64 for c in tiny)
+    assert len({tuple(c.all_kwargs().items()) for c in tiny}) == len(tiny)
+    # Tap mode: BLOCK_K chunks must tile Cg.
+    for c in tconv._prune_configs(tconv._GPU_CONFIGS, {"OCg": 64, "Cg": 48, "K_TOTAL": 432, "x_ptr": x16},
+                                  FLAT_K=False):
+        assert 48 % c.kwargs["BLOCK_K"] == 0
+    for c in tconv._prune_configs(tconv._GPU_CONFIGS, {"OCg": 512, "Cg": 512, "K_TOTAL": 4608, "x_ptr": x32},
+                                  FLAT_K=False):
+        kw = c.kwargs
+        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= tconv._SMEM_BUDGET
+
+
+def test_float64_rejected():
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        tconv.conv_bias_act(x, w)
+
+
+def _bad(**overrides):
+    args = dict(x=torch.randn(1, 8, 5, 5, device=DEVICE), weight=torch.randn(8, 8, 3, 3, device=DEVICE))
+    args.update(overrides)
+    return lambda: tconv.conv_bias_act(**args)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    pytest.param(_bad(x=torch.randn(8, 5, 5)), ValueError, r"4-D x .*got x of shape \(8, 5, 5\)", id="rank"),
+    pytest.param(_bad(weight=torch.randn(8, 4, 3, 3)), ValueError, r"x has 8 channels, expected weight.shape\[1\]",
+                 id="channels"),
+    pytest.param(_bad(weight=torch.randn(8, 2, 3, 3), groups=3), ValueError, r"expected weight.shape\[1\] \* groups",
+                 id="groups"),
+    pytest.param(_bad(x=torch.zeros(1, 8, 5, 5, dtype=torch.int32)), TypeError, "int32", id="int-dtype"),
+    pytest.param(_bad(weight=torch.randn(8, 8, 3, 3, dtype=torch.float16)), TypeError,
+                 "weight has dtype torch.float16, expected x's dtype torch.float32", id="weight-dtype"),
+    pytest.param(_bad(bias=torch.randn(7)), ValueError, r"bias has shape \(7,\), expected \(8,\)", id="bias"),
+    pytest.param(_bad(residual=torch.randn(1, 8, 5, 5)), ValueError,
+                 r"residual has shape \(1, 8, 5, 5\), expected the output shape \(1, 8, 3, 3\)", id="residual"),
+    pytest.param(_bad(shortcut_x=torch.randn(1, 4, 5, 5), shortcut_weight=torch.randn(8, 4, 1, 1)), ValueError,
+                 r"shortcut conv gives .*\(1, 5, 5\), expected the main conv's \(1, 3, 3\)", id="shortcut-size"),
+    pytest.param(_bad(shortcut_x=torch.randn(1, 4, 3, 3), shortcut_weight=torch.randn(8, 5, 1, 1)), ValueError,
+                 r"shortcut_weight has shape \(8, 5, 1, 1\), expected \(8, 4, 1, 1\)", id="shortcut-weight"),
+    pytest.param(_bad(shortcut_x=torch.randn(1, 4, 3, 3)), ValueError, "given together", id="shortcut-half"),
+    pytest.param(_bad(in_scale=torch.ones(4), in_shift=torch.zeros(4)), ValueError,
+                 r"in_scale has shape \(4,\), expected \(8,\)", id="prologue-length"),
+    pytest.param(_bad(prologue_relu=True), ValueError, "prologue_relu needs", id="prologue-relu-alone"),
+    pytest.param(_bad(bias=torch.randn(8, device="meta")), ValueError, "bias is on meta", id="device"),
+    pytest.param(_bad(x=torch.randn(1, 8, 2, 2)), ValueError, "output size .* is empty", id="too-small"),
+    pytest.param(_bad(out=torch.empty(1, 8, 3, 3)), ValueError, "channels_last-contiguous", id="out-format"),
+])
+def test_bad_input(call, exc, match):
+    if DEVICE != "cpu":
+        pytest.skip("the bad-input cases build CPU tensors")
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------
+# GPU-only: real compilation, bf16 with round-to-nearest, TF32, 64-bit offsets.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", CASES)
+def test_bfloat16_gpu(cfg):
+    _check(cfg, torch.bfloat16, device="cuda", interpreted=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_float32_gpu(allow_tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    cfg = _case(64, 128, (14, 14), 3, pad=1, relu=True, residual=True, n=4)
+    t = _inputs(cfg, torch.float32, "cuda")
+    got = _run(t, cfg)
+    ref, mag = _reference(t, cfg), _reference(t, cfg, absolute=True)
+    factor = _tolerance_factor(cfg, torch.float32, interpreted=False)
+    assert ((got.double() - ref).abs() <= factor * mag).all()
+    if allow_tf32:  # TF32 really was used: IEEE-level accuracy would be suspicious on this K = 576.
+        assert (got.double() - ref).abs().max() > 1e-6 * mag.max()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_int64_offsets_gpu():
+    # N*H*W*C = 2 * 5800 * 5800 * 32 > 2**31: input offsets of the second image overflow int32.
+    x = torch.randn(2, 32, 5800, 5800, device="cuda", dtype=torch.float16).contiguous(memory_format=CL)
+    w = torch.randn(16, 32, 1, 1, device="cuda", dtype=torch.float16)
+    out = tconv.conv_bias_act(x, w)
+    tail = x[1:, :, -4:, :]
+    ref = torch.nn.functional.conv2d(tail.float(), w.float())
+    torch.testing.assert_close(out[1:, :, -4:, :].float(), ref, atol=2e-2, rtol=2e-2)
