@@ -1,0 +1,3 @@
+from fusedres.bench.cli import main
+
+main()

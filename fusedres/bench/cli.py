@@ -1,0 +1,216 @@
+"""fusedres-bench: time fusedres against the strongest PyTorch baselines, in one process.
+
+    fusedres-bench                      # GPU: resnet50, batch 256, bf16, inference + training
+                                        # CPU: resnet50, batch 8, fp32, inference
+    fusedres-bench --model resnet18 --batch 64 128 --dtype fp16 --mode training
+    fusedres-bench --candidates eager_cl compile fusedres_triton --repeats 10
+
+Every candidate is first checked against an fp32 reference (its logits, and when
+training its parameter gradients); one that fails is reported as failed and not timed.
+The rest are timed interleaved after warm-up; the table gives the median ms per
+iteration, the spread, images/s, the speedup over every baseline that ran, TFLOP/s, the
+fraction of the roofline (GPU), and the extra memory one step needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fusedres.backends import UnsupportedInputError
+from fusedres.bench import measure, report, roofline
+from fusedres.bench.candidates import ALL_CANDIDATES, YARDSTICK, Candidate, Runner, build_candidates
+from fusedres.bench.progress import Progress
+from fusedres.bench.workload import DTYPES, MODELS, MODES, Workload, block_stages, build_model, make_batch
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fusedres-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="resnet50", choices=MODELS)
+    p.add_argument("--batch", type=int, nargs="+", help="batch size(s) (default: 256 on a GPU, 8 on a CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--mode", nargs="+", choices=MODES,
+                   help="inference and/or training (forward + backward + SGD step) "
+                        "(default: both on a GPU, inference on a CPU)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--candidates", nargs="+", choices=ALL_CANDIDATES, default=list(ALL_CANDIDATES),
+                   help=f"rows to run (default: all; {YARDSTICK} always runs: it sets the parity tolerance)")
+    p.add_argument("--skip", nargs="+", choices=ALL_CANDIDATES, default=[], help="rows to leave out")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per candidate (median and spread)")
+    p.add_argument("--warmup", type=int, help="untimed iterations per candidate (default: 3 GPU, 1 CPU)")
+    p.add_argument("--iters", type=int, help="iterations per timed repeat (default: 10 GPU, 1 CPU)")
+    p.add_argument("--out-dir", type=Path, default=Path("fusedres-bench-results"),
+                   help="where the JSON and PNG go (default: ./fusedres-bench-results)")
+    p.add_argument("--name", help="file stem for the JSON and PNG (default: model-device-date)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or (args.iters is not None and args.iters < 1) or (args.warmup is not None and args.warmup < 0):
+        p.error("--repeats and --iters must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if any(b < 1 for b in args.batch or []):
+        p.error("--batch sizes must be >= 1")
+    return args
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    args.device = device
+    args.batch = args.batch or [256 if gpu else 8]
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.mode = args.mode or (["inference", "training"] if gpu else ["inference"])
+    args.warmup = 3 if args.warmup is None and gpu else (1 if args.warmup is None else args.warmup)
+    args.iters = args.iters or (10 if gpu else 1)
+
+
+def _check(cand: Candidate) -> tuple[Runner | None, dict]:
+    """Build and run a candidate once. Returns the runner and its result record so far."""
+    row = {"key": cand.key, "label": cand.label, "kind": cand.kind}
+    if cand.unavailable:
+        return None, {**row, "status": "unavailable", "reason": cand.unavailable}
+    try:
+        runner = cand.build()
+        begin = time.perf_counter()
+        logits, grads = runner.check()
+        measure.sync(runner.x.device)
+        row["first_call_s"] = time.perf_counter() - begin
+    except UnsupportedInputError as e:
+        return None, {**row, "status": "unavailable", "reason": str(e)}
+    except Exception as e:  # a broken candidate is reported, the others still run
+        return None, {**row, "status": "error", "reason": f"{type(e).__name__}: {e}"}
+    row["_outputs"] = (logits, grads)
+    return runner, row
+
+
+def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float | None,
+                 device_name: str) -> dict:
+    model = build_model(work.model, args.seed)
+    x, labels = make_batch(work, args.seed + 1)
+    stages = block_stages(model, work.image_size)
+    flops_per_image = sum(s.flops for s in stages)
+    flops_per_iter = flops_per_image * work.batch * (3 if work.mode == "training" else 1)
+    element_bytes = torch.tensor([], dtype=work.torch_dtype).element_size()
+    peak = roofline.peak_flops(device_name, work.dtype)
+    roof_ips = roofline.roofline_images_per_second(stages, element_bytes, peak, copy_bandwidth) \
+        if work.mode == "inference" else None
+
+    wanted = tuple(k for k in args.candidates if k not in args.skip)
+    candidates = build_candidates(model, work, x, labels, wanted)
+    progress = Progress(3 * len(candidates) + args.repeats * len(candidates) + 1, enabled=not args.no_progress)
+    ref = measure.reference_outputs(model, work, x, labels)
+    progress.advance("fp32 reference")
+
+    runners: dict[str, Runner] = {}
+    rows: list[dict] = []
+    for cand in candidates:
+        runner, row = _check(cand)
+        rows.append(row)
+        if runner is not None:
+            runners[cand.key] = runner
+        progress.advance(f"check {cand.key}")
+
+    # Parity: the yardstick (eager channels_last in the same dtype) sets the tolerance.
+    yard = next(r for r in rows if r["key"] == YARDSTICK)
+    yard_errors = measure.relative_errors(*yard["_outputs"], ref) if "_outputs" in yard else None
+    for row in rows:
+        if "_outputs" not in row:
+            continue
+        errors = measure.relative_errors(*row.pop("_outputs"), ref)
+        tolerance = measure.parity_tolerance(work.dtype, errors, None if row["key"] == YARDSTICK else yard_errors)
+        row["parity"] = {"errors": errors, "tolerance": tolerance}
+        if measure.passes(errors, tolerance):
+            row["status"] = "ok"
+        else:
+            row["status"] = "failed"
+            row["reason"] = "parity: " + ", ".join(f"{k} error {errors[k]:.2e} > {tolerance[k]:.2e}" for k in errors)
+            del runners[row["key"]]
+
+    times = measure.time_interleaved(runners, args.repeats, args.warmup, args.iters, work.device,
+                                     lambda label: progress.advance(label))
+    for row in rows:
+        if row["key"] in runners:
+            row["memory"] = measure.peak_step_memory(runners[row["key"]], work.device)
+        progress.advance(f"memory {row['key']}")
+    progress.close()
+
+    for row in rows:
+        if row["key"] not in times:
+            continue
+        row["times_ms"] = times[row["key"]]
+        row["summary"] = s = measure.summarize(times[row["key"]])
+        row["img_per_s"] = work.batch * 1000 / s["median_ms"]
+        row["tflops"] = flops_per_iter / (s["median_ms"] / 1000) / 1e12
+        row["roofline_fraction"] = row["img_per_s"] / roof_ips if roof_ips else None
+        row["compute_fraction"] = row["tflops"] * 1e12 / peak if peak else None
+    base = {r["key"]: r["summary"]["median_ms"] for r in rows if "summary" in r and r["kind"] == "baseline"}
+    for row in rows:
+        if "summary" in row:
+            row["speedup"] = {k: ms / row["summary"]["median_ms"] for k, ms in base.items()}
+
+    runners.clear()
+    gc.collect()
+    if work.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "workload": {"model": work.model, "batch": work.batch, "dtype": work.dtype, "mode": work.mode,
+                     "image_size": work.image_size, "device": str(work.device), "description": work.describe()},
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "iters_per_repeat": args.iters},
+        "flops_per_image": flops_per_image,
+        "flops_per_iteration": flops_per_iter,
+        "roofline": {"images_per_s": roof_ips, "peak_flops": peak, "copy_bandwidth_Bps": copy_bandwidth,
+                     "bytes_per_image_block_fused": sum(s.elements_moved for s in stages) * element_bytes},
+        "candidates": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse `argv`, run every workload, print the tables, write JSON and PNG; return the record."""
+    args = parse_args(argv)
+    _defaults(args)
+    env = report.environment(args.device)
+    device_name = env.get("card", "cpu")
+    bandwidth = roofline.measure_copy_bandwidth(args.device)
+    env["copy_bandwidth_GBps"] = bandwidth / 1e9 if bandwidth else None
+    print(f"fusedres-bench | {report.device_label(env)} | torch {env['torch']} | triton {env['triton']}"
+          + (f" | CUDA {env['cuda']} cuDNN {env['cudnn']}" if args.device.type == "cuda" else ""), flush=True)
+
+    stem = args.name or f"{args.model}-{'cuda' if args.device.type == 'cuda' else 'cpu'}-" \
+        f"{datetime.date.today().isoformat()}"
+    json_path = args.out_dir / f"{stem}.json"
+    record = {"environment": env, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "argv": sys.argv[1:] if argv is None else argv, "runs": []}
+    for mode in args.mode:
+        for batch in args.batch:
+            work = Workload(args.model, batch, args.dtype, mode, args.image_size, args.device)
+            print(f"\n== {work.describe()} ==", flush=True)
+            record["runs"].append(run_workload(work, args, bandwidth, device_name))
+            report.write_json(record, json_path)  # after every workload: an interrupted run keeps its results
+            print(report.format_table(record["runs"][-1]), flush=True)
+
+    print(f"\nraw numbers: {json_path}")
+    if not args.no_chart:
+        png_path = args.out_dir / f"{stem}.png"
+        why_not = report.write_chart(record, png_path)
+        print(f"chart: {png_path}" if why_not is None else f"no chart: {why_not}")
+    print("\nvs X = X's time / this row's time (>1x: faster than X); mem = extra memory one step needs; "
+          "parity = relative error against the fp32 reference")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""What is benchmarked: the model, its inputs, and its FLOP and memory-traffic counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+MODELS: tuple[str, ...] = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+)
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES: tuple[str, ...] = ("inference", "training")
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    batch: int
+    dtype: str  # a key of DTYPES
+    mode: str  # "inference" | "training"
+    image_size: int
+    device: torch.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> str:
+        return f"{self.model}, {self.mode}, batch {self.batch}, {self.image_size}x{self.image_size}, {self.dtype}"
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Trained-like BatchNorm state (random init has mean 0, var 1, weight 1, bias 0), so
+    that folding and every BN term are really exercised by the parity check."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(1 + torch.randn(c, generator=gen) * 0.2)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    """The torchvision model in float32 on the CPU, with fixed random weights."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(num_classes=NUM_CLASSES)
+    randomize_bn(model, seed)
+    return model
+
+
+def make_batch(work: Workload, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed synthetic batch: float32 NCHW images and class labels, on the workload's device."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(work.batch, 3, work.image_size, work.image_size, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (work.batch,), generator=gen)
+    return x.to(work.device), labels.to(work.device)
+
+
+def count_flops_per_image(model: nn.Module, image_size: int) -> float:
+    """Forward FLOPs (2 x multiply-accumulates of every conv and linear layer) for one image."""
+    with torch.no_grad():
+        return count_module_flops(model.eval(), torch.zeros(1, 3, image_size, image_size))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of the whole-block-fusion roofline: FLOPs and the bytes it must move per image."""
+
+    name: str
+    flops: float
+    elements_moved: float  # elements read + written per image when the stage is one fused kernel
+
+
+def block_stages(model: nn.Module, image_size: int) -> list[Stage]:
+    """The stem, every residual block and the head, each as if fused into one pass.
+
+    A fused block reads its input once and writes its output once; everything inside
+    (conv outputs, BN, ReLU, the shortcut) stays on chip. This is the traffic floor the
+    design aims at (see DESIGN.md: ~23 MB per image for ResNet-50 in bf16).
+    """
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    stages: list[Stage] = []
+
+    def add(name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        stages.append(Stage(name, count_module_flops(module, x), float(x[0].numel() + out[0].numel())))
+
+    with torch.no_grad():
+        model = model.eval()
+        x = torch.zeros(1, 3, image_size, image_size)
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        y = stem(x)
+        add("stem", stem, x, y)
+        for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+            for i, block in enumerate(getattr(model, layer_name)):
+                if not isinstance(block, (BasicBlock, Bottleneck)):
+                    raise TypeError(f"{layer_name}[{i}] is a {type(block).__name__}, not a ResNet block")
+                out = block(y)
+                add(f"{layer_name}.{i}", block, y, out)
+                y = out
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+        add("head", head, y, head(y))
+    return stages
+
+
+def count_module_flops(module: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of `module(x)` per image: 2 x multiply-accumulates of its conv and linear layers."""
+    total = 0.0
+
+    def conv_hook(m: nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += 2.0 * out[0].numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        total += 2.0 * out[0].numel() * m.in_features
+
+    handles = [m.register_forward_hook(conv_hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_hook(linear_hook) for m in module.modules() if isinstance(m, nn.Linear)]
+    try:
+        module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total

@@ -1,0 +1,138 @@
+"""The benchmark CLI: parity gate, records, folding baseline, roofline arithmetic (no timing asserts)."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import fusedres
+from fusedres.bench import cli, measure, roofline
+from fusedres.bench.candidates import Runner
+from fusedres.bench.cudnn_fused import CudnnFusedResNet, reference_ops
+from fusedres.bench.workload import block_stages, build_model
+
+TINY = ["--model", "resnet18", "--batch", "2", "--image-size", "32", "--repeats", "2", "--no-progress"]
+
+
+def _rows(run: dict) -> dict[str, dict]:
+    return {r["key"]: r for r in run["candidates"]}
+
+
+def test_cli_inference_record_and_table(tmp_path, capsys):
+    record = cli.run([*TINY, "--candidates", "eager_nchw_fp32", "compile", "fusedres_torch", "fusedres_triton",
+                      "cudnn_fused", "--out-dir", str(tmp_path), "--name", "t"])
+    out = capsys.readouterr().out
+    run = record["runs"][0]
+    rows = _rows(run)
+    # The yardstick always runs, even when not asked for.
+    assert [r["key"] for r in run["candidates"]] == [
+        "eager_nchw_fp32", "eager_cl", "compile", "cudnn_fused", "fusedres_torch", "fusedres_triton"]
+    for key in ("eager_nchw_fp32", "eager_cl", "compile", "fusedres_torch"):
+        row = rows[key]
+        assert row["status"] == "ok", row
+        assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"])
+        assert row["parity"]["errors"]["logits"] <= row["parity"]["tolerance"]["logits"]
+        assert set(row["speedup"]) == {"eager_nchw_fp32", "eager_cl", "compile"}
+        assert row["memory"]["peak_step_MiB"] > 0
+        assert row["label"] in out
+    assert rows["fusedres_triton"]["status"] == "unavailable"
+    assert "triton" in rows["fusedres_triton"]["reason"]
+    assert rows["cudnn_fused"]["status"] == "unavailable"
+    assert rows["compile"]["first_call_s"] > 0
+    assert run["flops_per_image"] == pytest.approx(2 * 1.8e9 * (32 / 224) ** 2, rel=0.05)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["runs"][0]["candidates"][1]["times_ms"] == rows["eager_cl"]["times_ms"]
+    assert saved["environment"]["torch"] == torch.__version__
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_cli_training_checks_gradients(tmp_path):
+    # batch 4 at 64x64: with fewer values per channel in layer4, train-mode BN is so ill-conditioned
+    # that fp32 eager NCHW and channels_last disagree by percents in the gradients.
+    argv = ["--model", "resnet18", "--batch", "4", "--image-size", "64", "--repeats", "2", "--no-progress"]
+    record = cli.run([*argv, "--mode", "training", "--candidates", "fusedres_torch", "--out-dir", str(tmp_path),
+                      "--no-chart"])
+    rows = _rows(record["runs"][0])
+    assert set(rows) == {"eager_cl", "fusedres_torch"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert set(row["parity"]["errors"]) == {"logits", "grads"}
+        assert row["parity"]["errors"]["grads"] < 1e-4
+    assert record["runs"][0]["flops_per_iteration"] == 3 * 4 * record["runs"][0]["flops_per_image"]
+
+
+def test_cli_reports_a_wrong_candidate_as_failed_and_does_not_time_it(tmp_path, monkeypatch):
+    original = Runner.check
+
+    def skewed_check(self):
+        logits, grads = original(self)
+        if isinstance(self.params.layer1[0], fusedres.BasicBlock):
+            logits = logits * 1.01  # a 1% error: far above fp32 noise
+        return logits, grads
+
+    monkeypatch.setattr(Runner, "check", skewed_check)
+    record = cli.run([*TINY, "--candidates", "fusedres_torch", "--out-dir", str(tmp_path), "--no-chart"])
+    rows = _rows(record["runs"][0])
+    assert rows["eager_cl"]["status"] == "ok"
+    assert rows["fusedres_torch"]["status"] == "failed"
+    assert "parity" in rows["fusedres_torch"]["reason"]
+    assert "times_ms" not in rows["fusedres_torch"]
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "0"], ["--model", "vgg16"], ["--dtype", "int8"]])
+def test_cli_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_cudnn_baseline_folding_matches_torchvision(name):
+    model = build_model(name).double().eval()
+    fused = CudnnFusedResNet(model, torch.float64, **reference_ops())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        actual = fused(x)
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() < 1e-10
+
+
+def test_block_stages_match_design_numbers():
+    """DESIGN.md: ResNet-50 is 8.18 GFLOP and ~23 MB of block-fused bf16 traffic per image."""
+    stages = block_stages(build_model("resnet50"), 224)
+    assert len(stages) == 1 + 16 + 1
+    assert sum(s.flops for s in stages) == pytest.approx(8.18e9, rel=1e-3)
+    assert sum(s.elements_moved for s in stages) * 2 == pytest.approx(23.2e6, rel=0.01)
+    tv = torchvision.models.resnet50()
+    assert [s.name for s in stages][1:4] == ["layer1.0", "layer1.1", "layer1.2"]
+    assert len(list(tv.layer3)) == 6
+
+
+def test_roofline_takes_the_slower_roof_per_stage():
+    stages = block_stages(build_model("resnet18"), 64)
+    fast_memory = roofline.roofline_images_per_second(stages, 2, 1e12, 1e18)
+    fast_compute = roofline.roofline_images_per_second(stages, 2, 1e18, 1e9)
+    assert fast_memory == pytest.approx(1e12 / sum(s.flops for s in stages), rel=1e-3)
+    assert fast_compute == pytest.approx(1e9 / (2 * sum(s.elements_moved for s in stages)), rel=1e-3)
+    assert roofline.roofline_images_per_second(stages, 2, None, 1e9) is None
+    assert roofline.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 790e12
+    assert roofline.peak_flops("AMD EPYC", "bf16") is None
+    assert roofline.measure_copy_bandwidth(torch.device("cpu")) is None
+
+
+def test_parity_tolerance_follows_the_yardstick():
+    yard = {"logits": 1e-2, "grads": 2e-2}
+    assert measure.parity_tolerance("bf16", {"logits": 0.0}, yard) == {"logits": 3e-2}
+    assert measure.parity_tolerance("bf16", yard, yard) == {"logits": 3e-2, "grads": 4e-2}
+    assert measure.parity_tolerance("fp32", {"logits": 0.0}, None) == {"logits": measure.YARDSTICK_CAP["fp32"]}
+    assert not measure.passes({"logits": float("nan")}, {"logits": 1.0})
+
+
+@pytest.mark.gpu
+def test_cli_on_gpu_runs_cudnn_and_fusedres(tmp_path):
+    record = cli.run([*TINY, "--dtype", "bf16", "--candidates", "cudnn_fused", "fusedres_torch",
+                      "--out-dir", str(tmp_path), "--no-chart"])
+    rows = _rows(record["runs"][0])
+    assert rows["cudnn_fused"]["status"] == "ok", rows["cudnn_fused"]
+    assert rows["fusedres_torch"]["status"] == "ok", rows["fusedres_torch"]
+    assert record["environment"]["card"]
