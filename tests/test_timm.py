@@ -7,10 +7,26 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 
 import pytest
 import torch
+from helpers import (
+    ATOL,
+    FUSED_BLOCK_TYPES,
+    RTOL,
+    _single_intra_op_thread,  # noqa: F401  (autouse fixture: imported, it applies to this module)
+    assert_state_dicts_equal,
+    assert_training_matches,
+    block_names,
+    bn_training_flags,
+    convert_no_warning,
+    convert_recording,
+    eval_output,
+    freeze_all_bn,
+    make_input,
+    names_block,
+    randomize_bn_seeded,
+)
 from torch import nn
 
 import fusedres
@@ -19,162 +35,22 @@ timm = pytest.importorskip("timm")
 timm_resnet = pytest.importorskip("timm.models.resnet")
 
 # --------------------------------------------------------------------------------------
-# Shared helpers (candidates for a conftest.py; tests/test_convert.py has the same ones).
+# Helpers. The ones shared with tests/test_convert.py, and the tolerances RTOL / ATOL
+# (eval) and TRAIN_RTOL / LOSS_SCALE (train) with their justification, are in helpers.py.
 # --------------------------------------------------------------------------------------
 
-# Eval-mode tolerance, float64. Measured fused vs timm: max absolute difference ~2e-13
-# on outputs up to ~1e2 (resnet50/50d), ~1e-14 for resnet18/resnext50: rounding of BN
-# folded into the conv weights, accumulated over ~50 layers. 1e-10 leaves a ~500x
-# margin; float32 rounding anywhere (relative ~1e-7) or a logic error is far above it.
-RTOL = 1e-10
-ATOL = 1e-10
-
-# Train-mode tolerance, float64, relative to each tensor's scale: every element of an
-# output / gradient / parameter / buffer must agree within TRAIN_RTOL * max|expected|
-# (plus TRAIN_RTOL relative). The loss weights are scaled by LOSS_SCALE so that SGD
-# steps stay small: with O(1) weights the outputs (~1e2) give gradients of ~1e1, and each
-# lr=0.01/momentum=0.9 step moves the random network so far that rounding differences
-# grow ~100x per step (timm against *itself* with channels_last convolutions differs by
-# ~1e-8 after 3 steps, so no implementation could be held to 1e-9 there). With
-# LOSS_SCALE = 1e-3, measured over 3 steps: fused vs timm <= ~2e-12 of the tensor's max,
-# the same size as timm vs its own channels_last run (~3e-12). 1e-9 leaves a ~500x
-# margin, while float32 rounding, a biased/unbiased variance mix-up, a missing gradient
-# path or a wrong running-stat update are orders of magnitude larger.
-TRAIN_RTOL = 1e-9
-LOSS_SCALE = 1e-3
-
-FUSED_BLOCK_TYPES = (fusedres.BasicBlock, fusedres.Bottleneck)
 TIMM_TO_FUSED = {timm_resnet.BasicBlock: fusedres.BasicBlock, timm_resnet.Bottleneck: fusedres.Bottleneck}
 TIMM_BLOCK_TYPES = tuple(TIMM_TO_FUSED)
 MODEL_NAMES = ["resnet18", "resnet50", "resnet50d", "resnext50_32x4d"]
 EXPECTED_BLOCKS = {"resnet18": 8, "resnet50": 16, "resnet50d": 16, "resnext50_32x4d": 16}
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running stats (mean N(0,1), var U(0.5,2)) and affine parameters (N(0,1)) in every BatchNorm."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if module.running_mean is not None:
-                    module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen))
-                if module.running_var is not None:
-                    module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) * 1.5 + 0.5)
-                if module.weight is not None:
-                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
-    return model
-
-
-def make_input(seed: int = 1, shape: tuple[int, ...] = (2, 3, 64, 64)) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(x)
-
-
-def block_names(model: nn.Module, types: tuple[type, ...]) -> list[str]:
-    """Names of the submodules whose exact type is one of `types`."""
-    return [name for name, module in model.named_modules() if type(module) in types]
-
-
-def convert_recording(model: nn.Module, **kwargs) -> tuple[nn.Module, list[str]]:
-    """convert() and the messages of the RuntimeWarnings it emitted."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        converted = fusedres.convert(model, **kwargs)
-    return converted, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-
-
-def convert_no_warning(model: nn.Module, **kwargs) -> nn.Module:
-    converted, messages = convert_recording(model, **kwargs)
-    assert messages == []
-    return converted
-
-
-def names_block(message: str, name: str) -> bool:
-    """Whether `message` names module `name` ("layer1.0" must not match "layer1.01" or "xlayer1.0")."""
-    return re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])(?!\.\d)", message) is not None
-
-
-def assert_state_dicts_equal(a: dict, b: dict) -> None:
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), key
-
-
-def bn_training_flags(model: nn.Module) -> dict[str, bool]:
-    return {n: m.training for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = TRAIN_RTOL) -> None:
-    atol = rtol * max(expected.abs().max().item(), 1e-30) if expected.numel() else rtol
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, seed: int = 123, train: bool = True) -> list[dict]:
-    """`steps` SGD steps on loss = (model(x) * weights).sum(), with fixed random `weights` (from `seed`).
-
-    Records the output, the input gradient and every parameter gradient of each step.
-    `train=False` keeps the modules' current train/eval flags (e.g. frozen BatchNorms).
-    """
-    if train:
-        model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    records = []
-    weights = None
-    for _ in range(steps):
-        xi = x.clone().requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        out = model(xi)
-        if weights is None:
-            gen = torch.Generator().manual_seed(seed)
-            weights = torch.randn(out.shape, generator=gen, dtype=out.dtype) * LOSS_SCALE
-        (out * weights).sum().backward()
-        records.append({
-            "out": out.detach().clone(),
-            "x.grad": xi.grad.clone(),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-        })
-        opt.step()
-    return records
-
-
-def assert_training_matches(ref: nn.Module, fused: nn.Module, x: torch.Tensor, steps: int = 3,
-                            train: bool = True) -> None:
-    """Outputs, input and parameter gradients per step, then parameters and buffers, after `steps` steps."""
-    ref_records = train_steps(ref, x, steps, train=train)
-    fused_records = train_steps(fused, x, steps, train=train)
-    for step, (r, f) in enumerate(zip(ref_records, fused_records, strict=True)):
-        assert_close_scaled(f["out"], r["out"], f"step {step} output")
-        assert_close_scaled(f["x.grad"], r["x.grad"], f"step {step} input grad")
-        assert list(f["grads"]) == list(r["grads"])
-        for name in r["grads"]:
-            assert_close_scaled(f["grads"][name], r["grads"][name], f"step {step} grad of {name}")
-    ref_buffers, fused_buffers = dict(ref.named_buffers()), dict(fused.named_buffers())
-    assert list(fused_buffers) == list(ref_buffers)
-    for name, buf in ref_buffers.items():
-        if buf.is_floating_point():
-            assert_close_scaled(fused_buffers[name], buf, f"buffer {name}")
-        else:
-            assert torch.equal(fused_buffers[name], buf), name
-    ref_params = dict(ref.named_parameters())
-    assert [n for n, _ in fused.named_parameters()] == list(ref_params)
-    assert bn_training_flags(fused) == bn_training_flags(ref)
-    for name, p in fused.named_parameters():
-        assert_close_scaled(p.detach(), ref_params[name].detach(), f"parameter {name}")
-
-
 def timm_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
     """A float64 timm model (random init, 10 classes) in eval mode, with randomised BatchNorm."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).double()
-    return randomize_bn(model, seed).eval()
+    # Drawn in the default dtype (float32), as the measured tolerances were: see randomize_bn_seeded.
+    return randomize_bn_seeded(model, seed, draw_dtype=torch.get_default_dtype()).eval()
 
 
 _MODELS: dict[str, nn.Module] = {}
@@ -185,22 +61,6 @@ def base_model(name: str) -> nn.Module:
     if name not in _MODELS:
         _MODELS[name] = timm_model(name)
     return copy.deepcopy(_MODELS[name])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_intra_op_thread():
-    """Run this module's float64 CPU convolutions on one intra-op thread, then restore.
-
-    The workloads are tiny (batch 2, 64x64); with 2 OpenMP threads on a 2-core machine
-    that is also running anything else, OpenMP's barriers thrash and the same tests take
-    5-10x longer (measured: this file ~3.5 min vs ~40 s under load), while one thread
-    costs little even on an idle machine. Results do not depend on the thread count
-    beyond float64 rounding, which the tolerances cover.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -300,18 +160,12 @@ def test_revert_after_deepcopy_and_training_mode_switch(x):
     torch.testing.assert_close(eval_output(converted, x), eval_output(model, x), rtol=RTOL, atol=ATOL)
 
 
-def _freeze_all_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
-
-
 def test_convert_keeps_frozen_batchnorm():
     """model.train() with frozen (eval-mode) BatchNorms, as in fine-tuning: convert must keep
     every BN's own mode (torchvision models do, see tests/test_convert.py), so the fused model
     still normalises with running statistics and matches timm."""
     model = base_model("resnet18").train()
-    _freeze_all_bn(model)
+    freeze_all_bn(model)
     flags = bn_training_flags(model)
     assert not any(flags.values())
     fused = convert_no_warning(copy.deepcopy(model))
@@ -322,7 +176,7 @@ def test_convert_keeps_frozen_batchnorm():
 def test_revert_keeps_frozen_batchnorm():
     model = base_model("resnet18")
     converted = convert_no_warning(model).train()
-    _freeze_all_bn(converted)
+    freeze_all_bn(converted)
     flags = bn_training_flags(converted)
     assert not any(flags.values())
     reverted = fusedres.revert(converted)
