@@ -21,7 +21,7 @@ from fusedres.bench.workload import DTYPES
 
 GPU_BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "256"))
 GPU_DTYPE = DTYPES[os.environ.get("FUSEDRES_BENCH_DTYPE", "bf16")]
-CANDIDATES = ("eager", "fusedres_torch", "fusedres_triton", "fusedres_cuda")
+CANDIDATES = ("eager", "fusedres_auto", "fusedres_torch", "fusedres_triton", "fusedres_cuda")
 MODES = ("inference", "training")
 CPU_SUBSET = {"resnet18.layer1.0", "resnet18.layer2.0", "resnet50.layer1.0", "resnet50.layer4.1"}
 # torch.compile max-autotune takes ~a minute per block: only where a target names it.

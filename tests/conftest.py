@@ -19,6 +19,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_clean_env(monkeypatch):
+def _seed_and_clean_env(monkeypatch, tmp_path_factory):
     torch.manual_seed(0)
     monkeypatch.delenv("FUSEDRES_BACKEND", raising=False)
+    # `auto` on a GPU caches its tuning results on disk: keep the tests' out of ~/.cache.
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fusedres-cache"))

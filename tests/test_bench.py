@@ -20,14 +20,14 @@ def _rows(run: dict) -> dict[str, dict]:
 
 
 def test_cli_inference_record_and_table(tmp_path, capsys):
-    record = cli.run([*TINY, "--candidates", "eager_nchw_fp32", "compile", "fusedres_torch", "fusedres_triton",
+    record = cli.run([*TINY, "--candidates", "eager_nchw_fp32", "compile", "fusedres_torch", "fusedres_cuda",
                       "cudnn_fused", "--out-dir", str(tmp_path), "--name", "t"])
     out = capsys.readouterr().out
     run = record["runs"][0]
     rows = _rows(run)
     # The yardstick always runs, even when not asked for.
     assert [r["key"] for r in run["candidates"]] == [
-        "eager_nchw_fp32", "eager_cl", "compile", "cudnn_fused", "fusedres_torch", "fusedres_triton"]
+        "eager_nchw_fp32", "eager_cl", "compile", "cudnn_fused", "fusedres_torch", "fusedres_cuda"]
     for key in ("eager_nchw_fp32", "eager_cl", "compile", "fusedres_torch"):
         row = rows[key]
         assert row["status"] == "ok", row
@@ -36,8 +36,8 @@ def test_cli_inference_record_and_table(tmp_path, capsys):
         assert set(row["speedup"]) == {"eager_nchw_fp32", "eager_cl", "compile"}
         assert row["memory"]["peak_step_MiB"] > 0
         assert row["label"] in out
-    assert rows["fusedres_triton"]["status"] == "unavailable"
-    assert "triton" in rows["fusedres_triton"]["reason"]
+    assert rows["fusedres_cuda"]["status"] == "unavailable"
+    assert "cuda" in rows["fusedres_cuda"]["reason"]
     assert rows["cudnn_fused"]["status"] == "unavailable"
     assert rows["compile"]["first_call_s"] > 0
     assert run["flops_per_image"] == pytest.approx(2 * 1.8e9 * (32 / 224) ** 2, rel=0.05)

@@ -1,13 +1,17 @@
 """Who runs an op: the backend registry and dispatch.
 
 Every backend implements the same op set (see `fusedres.ops`) and answers
-`not_supported_reasons(op, tensors)`: an empty list means it can run that input.
+`not_supported_reasons(op, tensors)` (the op's tensor arguments in order, None for an
+absent optional one): an empty list means it can run that input.
 
 * An explicit backend (`backend="triton"` on a block, or `FUSEDRES_BACKEND=triton`)
   runs or raises `UnsupportedInputError` listing every reason.
 * `auto` walks `AUTO_PRIORITY` and takes the first backend that can run the input. A
   backend that does not target the input's device is skipped silently; one that targets
   it but declines is reported in one warning per (op, device, reasons).
+* "Never slower": on CUDA, when the caller passes the op's arguments and more than one
+  backend can run them, `auto` takes the measured winner for that shape
+  (`fusedres.backends.tuning`; cached in memory and on disk).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from fusedres.backends import tuning
 from fusedres.backends.base import Backend, UnsupportedInputError
 from fusedres.backends.cuda_backend import CudaBackend
 from fusedres.backends.torch_backend import TorchBackend
@@ -64,12 +70,16 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def select_backend(name: str, op: str, tensors: Sequence[torch.Tensor | None]) -> Backend:
-    """The backend that runs `op` on `tensors`, following the rules in the module doc."""
+def select_backend(name: str, op: str, tensors: Sequence[torch.Tensor | None],
+                   args: Sequence[Any] | None = None) -> Backend:
+    """The backend that runs `op` on `tensors`, following the rules in the module doc.
+
+    `args` (the op's arguments, without `backend`) lets `auto` time the candidates on them.
+    """
     present = [t for t in tensors if t is not None]
     if name != "auto":
         backend = get_backend(name)
-        reasons = backend.not_supported_reasons(op, present)
+        reasons = backend.not_supported_reasons(op, tensors)
         if reasons:
             raise UnsupportedInputError(
                 f"fusedres: the {name!r} backend cannot run {op}: " + "; ".join(reasons)
@@ -83,14 +93,25 @@ def select_backend(name: str, op: str, tensors: Sequence[torch.Tensor | None]) -
         backend = BACKENDS[candidate]
         if not backend.targets(device_type):
             continue
-        reasons = backend.not_supported_reasons(op, present)
+        reasons = backend.not_supported_reasons(op, tensors)
         if not reasons:
             if declined:
                 _warn_once(op, device_type, f"fusedres: {op} runs on the {candidate!r} backend because "
                            + " | ".join(declined))
+            if args is not None and tuning.wants_tuning(device_type):
+                rivals = _also_capable(op, tensors, device_type, after=candidate)
+                if rivals:
+                    return tuning.TUNER.choose(op, [backend, *rivals], args)
             return backend
         declined.append(f"{candidate}: " + "; ".join(reasons))
     raise UnsupportedInputError(f"fusedres: no backend can run {op}: " + " | ".join(declined))
+
+
+def _also_capable(op: str, tensors: Sequence[torch.Tensor | None], device_type: str, after: str) -> list[Backend]:
+    """The backends after `after` in AUTO_PRIORITY that can run `op` on `tensors` too."""
+    rest = AUTO_PRIORITY[AUTO_PRIORITY.index(after) + 1:]
+    return [BACKENDS[n] for n in rest
+            if BACKENDS[n].targets(device_type) and not BACKENDS[n].not_supported_reasons(op, tensors)]
 
 
 def _warn_once(op: str, device_type: str, message: str) -> None:

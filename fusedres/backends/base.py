@@ -24,8 +24,9 @@ class Backend:
         types = self.device_types()
         return "*" in types or device_type in types
 
-    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> list[str]:
-        """Why this backend cannot run `op` on `tensors`; empty when it can."""
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
+        """Why this backend cannot run `op` on `tensors` (the op's tensor arguments in
+        order, None for an absent optional one); empty when it can."""
         raise NotImplementedError
 
     # The op set. Signatures mirror fusedres.reference.
@@ -39,10 +40,10 @@ class Backend:
         raise NotImplementedError(f"the {self.name} backend does not implement scale_bias_act")
 
 
-def device_reasons(backend: Backend, tensors: Sequence[torch.Tensor]) -> list[str]:
+def device_reasons(backend: Backend, tensors: Sequence[torch.Tensor | None]) -> list[str]:
     """Reasons shared by all backends: the inputs' device types."""
     wanted = backend.device_types()
-    devices = sorted({t.device.type for t in tensors})
+    devices = sorted({t.device.type for t in tensors if t is not None})
     bad = [d for d in devices if not backend.targets(d)]
     if bad:
         return [f"inputs are on {', '.join(bad)}; the {backend.name} backend runs on {', '.join(wanted)}"]

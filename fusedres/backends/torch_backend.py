@@ -1,16 +1,26 @@
 """The `torch` backend: the reference semantics, on every device.
 
-On the CPU, eval-mode convolutions use oneDNN's fused convolution with post-ops
-(`torch.ops.mkldnn._convolution_pointwise`: bias + ReLU, and its `.binary` form:
-bias + residual add + ReLU) where this PyTorch build exposes them for the dtype;
-everything else runs `fusedres.reference` as written.
+Eval-mode convolutions with ReLU take the fused convolution the platform library offers,
+with the same folded weights:
+
+* CPU, float32: oneDNN's convolution with post-ops (`torch.ops.mkldnn._convolution_pointwise`:
+  bias + ReLU, and its `.binary` form: bias + residual add + ReLU), also without ReLU;
+* CUDA, float16/bfloat16/float32: cuDNN's conv-bias-activation through ATen
+  (`torch.cudnn_convolution_relu`, and `torch.cudnn_convolution_add_relu` for the residual
+  or projection shortcut), the "cuDNN with the best fusion" that the triton backend must beat.
+
+Both fused ReLUs map NaN to 0 where torch.relu keeps it, so inputs with a NaN or an Inf
+take the reference path (one summing pass per input to find out, one host sync on CUDA).
+Everything else runs `fusedres.reference` as written.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fusedres import reference
 from fusedres.backends.base import Backend
@@ -26,13 +36,18 @@ def _mkldnn_pointwise_available() -> bool:
 
 
 _MKLDNN_POINTWISE = _mkldnn_pointwise_available()
+_CUDNN_FUSED = hasattr(torch, "cudnn_convolution_relu") and hasattr(torch, "cudnn_convolution_add_relu")
+_CUDNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_cudnn_failed: set[tuple[torch.dtype, bool]] = set()  # (dtype, with z) that this build's cuDNN refused
 
 
 def _all_finite(*tensors: torch.Tensor | None) -> bool:
-    """One summing pass per tensor: a NaN or an Inf anywhere makes the sum non-finite.
-    (A finite tensor whose sum overflows reads as non-finite too: that only costs the
-    slower path, never a wrong answer.)"""
-    return all(t is None or bool(torch.isfinite(t.sum())) for t in tensors)
+    """One summing pass per tensor and one host sync: a NaN or an Inf anywhere makes the
+    sum non-finite. (A finite tensor whose sum overflows reads as non-finite too: that
+    only costs the slower path, never a wrong answer.)"""
+    sums = [t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum().float() for t in tensors
+            if t is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, *others: torch.Tensor | None) -> bool:
@@ -59,17 +74,58 @@ def _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, other
                             "add", 1.0, "relu" if relu else None, [], "")
 
 
+def _use_cudnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, with_z: bool, *others: torch.Tensor | None) -> bool:
+    if not (
+        _CUDNN_FUSED
+        and relu
+        and x.device.type == "cuda"
+        and x.dtype in _CUDNN_DTYPES
+        and weight.dtype == x.dtype
+        and x.numel() > 0
+        and torch.backends.cudnn.enabled
+        and torch.backends.cudnn.is_available()
+        and (x.dtype, with_z) not in _cudnn_failed
+    ):
+        return False
+    # The finiteness check syncs with the host, which a CUDA graph capture forbids: the
+    # reference path is always right.
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    return _all_finite(x, weight, *others)
+
+
+def _cudnn_conv_relu(x, weight, bias, stride, padding, dilation, groups, z=None):
+    """relu(conv(x, weight) + bias (+ z)) in one cuDNN call; None if cuDNN refuses it."""
+    bias = None if bias is None else bias.to(x.dtype)
+    try:
+        if z is None:
+            return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+        return torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # e.g. CUDNN_STATUS_NOT_SUPPORTED for this dtype on this build
+        _cudnn_failed.add((x.dtype, z is not None))
+        warnings.warn(f"fusedres: cuDNN's fused convolution failed for {x.dtype} ({e}); using the unfused "
+                      f"reference for it from now on", RuntimeWarning, stacklevel=3)
+        return None
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def device_types(self) -> tuple[str, ...]:
         return ("*",)
 
-    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor]) -> list[str]:
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
         return []
 
     def conv_bias_act(self, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
                       dilation, groups, shortcut_stride, relu):
+        if x.device.type == "cuda":
+            out = self._cudnn_conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride,
+                                            padding, dilation, groups, shortcut_stride, relu)
+            if out is not None:
+                return out
         if not _use_mkldnn(x, weight, relu, residual, shortcut_x, shortcut_weight):
             return reference.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride,
                                            padding, dilation, groups, shortcut_stride, relu)
@@ -85,6 +141,22 @@ class TorchBackend(Backend):
             residual = residual.to(torch.float32).contiguous(memory_format=memory_format)
             out = _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, residual)
         return out.contiguous(memory_format=memory_format)
+
+    def _cudnn_conv_bias_act(self, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
+                             dilation, groups, shortcut_stride, relu):
+        """The cuDNN fused path, or None where it does not apply."""
+        with_z = residual is not None or shortcut_x is not None
+        if not _use_cudnn(x, weight, relu, with_z, bias, residual, shortcut_x, shortcut_weight):
+            return None
+        memory_format = reference.conv_output_memory_format(x, weight)
+        z = residual
+        if shortcut_x is not None:
+            # The projection shortcut becomes the z that cuDNN adds before its ReLU.
+            z = F.conv2d(shortcut_x.to(x.dtype), shortcut_weight.to(x.dtype), None, shortcut_stride)
+        if z is not None:
+            z = z.to(x.dtype).contiguous(memory_format=memory_format)
+        out = _cudnn_conv_relu(x, weight, bias, stride, padding, dilation, groups, z)
+        return None if out is None else out.contiguous(memory_format=memory_format)
 
     def bn_stats(self, y):
         return reference.bn_stats(y)

@@ -22,7 +22,7 @@ from fusedres.bench.cudnn_fused import CudnnFusedResNet
 from fusedres.bench.workload import Workload
 
 BASELINES: tuple[str, ...] = ("eager_nchw_fp32", "eager_cl", "compile", "compile_max_autotune", "cudnn_fused")
-FUSEDRES_BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
+FUSEDRES_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")  # "auto": the default, tuned per shape
 ALL_CANDIDATES: tuple[str, ...] = (*BASELINES, *(f"fusedres_{b}" for b in FUSEDRES_BACKENDS))
 YARDSTICK = "eager_cl"  # PyTorch's own error in the chosen dtype sets the parity tolerance
 

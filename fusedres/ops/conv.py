@@ -32,9 +32,10 @@ def conv_bias_act(
     relu: bool,
     backend: str,
 ) -> torch.Tensor:
-    impl = select_backend(backend, "conv_bias_act", (x, weight, bias, residual, shortcut_x, shortcut_weight))
-    return impl.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
-                              dilation, groups, shortcut_stride, relu)
+    args = (x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+            shortcut_stride, relu)
+    impl = select_backend(backend, "conv_bias_act", args[:6], args=args)
+    return impl.conv_bias_act(*args)
 
 
 @conv_bias_act.register_fake

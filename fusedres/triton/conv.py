@@ -30,6 +30,8 @@ The epilogue (bias, residual, ReLU, cast) runs in fp32. Global offsets are int64
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -231,26 +233,32 @@ def conv_bias_act(
     in_shift: torch.Tensor | None = None,
     prologue_relu: bool = False,
     out: torch.Tensor | None = None,
+    wrap_kernel: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
     """act(conv2d(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) in one kernel.
 
     P(x) = relu?(x * in_scale + in_shift) per input channel when `in_scale`/`in_shift` are
-    given (ReLU if `prologue_relu`), else x. x, weight, residual, shortcut_x and
-    shortcut_weight share one dtype (float16, bfloat16 or float32); bias, in_scale and
-    in_shift may be any floating dtype and are used in fp32. Returns a new channels_last
-    (N, OC, P, Q) tensor in x's dtype, or writes into `out` (channels_last, same shape/dtype,
-    aliasing no input: autotuning may run the kernel several times).
+    given (ReLU if `prologue_relu`), else x. x, weight, shortcut_x and shortcut_weight share
+    one dtype (float16, bfloat16 or float32); bias, residual, in_scale and in_shift may be
+    any floating dtype and are used in fp32 (a float32 residual under autocast is added
+    without first rounding it to x's dtype, as the reference does). Returns a new
+    channels_last (N, OC, P, Q) tensor in x's dtype, or writes into `out` (channels_last,
+    same shape/dtype, aliasing no input: autotuning may run the kernel several times).
+
+    `wrap_kernel` is applied to the (autotuned) kernel before the launch:
+    `torch.library.wrap_triton` inside a `torch.library.triton_op`, so that torch.compile
+    sees the launch (see `fusedres.triton.ops`).
     """
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv_bias_act expects a 4-D x (N, C, H, W) and a 4-D weight (OC, C/groups, KH, KW), "
                          f"got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}")
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"the Triton conv_bias_act kernel supports float16, bfloat16 and float32, got {x.dtype}")
-    for name, t in (("weight", weight), ("residual", residual), ("shortcut_x", shortcut_x),
-                    ("shortcut_weight", shortcut_weight), ("out", out)):
+    for name, t in (("weight", weight), ("shortcut_x", shortcut_x), ("shortcut_weight", shortcut_weight),
+                    ("out", out)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
-    for name, t in (("bias", bias), ("in_scale", in_scale), ("in_shift", in_shift)):
+    for name, t in (("bias", bias), ("residual", residual), ("in_scale", in_scale), ("in_shift", in_shift)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     _check_device(x.device, weight=weight, bias=bias, residual=residual, shortcut_x=shortcut_x,
@@ -338,7 +346,8 @@ def conv_bias_act(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(ocg, meta["BLOCK_N"]))
 
-    _conv_kernel[grid](
+    kernel = _conv_kernel if wrap_kernel is None else wrap_kernel(_conv_kernel)
+    kernel[grid](
         x, w_k, bias_t, res_t, sx_t, sw_t, scale_t, shift_t, out,
         m, h_in, w_in, c_in, p_out, q_out, oc, cg, ocg, kh * kw * cg,
         st_h, st_w, ph, pw, dh, dw,
