@@ -34,12 +34,14 @@ def test_cli_inference_record_and_table(tmp_path, capsys):
         assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"])
         assert row["parity"]["errors"]["logits"] <= row["parity"]["tolerance"]["logits"]
         assert set(row["speedup"]) == {"eager_nchw_fp32", "eager_cl", "compile"}
-        assert row["memory"]["peak_step_MiB"] > 0
+        if key != "compile":  # inductor's CPU allocations are invisible to the profiler: reported as None
+            assert row["memory"]["peak_step_MiB"] > 0
         assert row["label"] in out
     assert rows["fusedres_cuda"]["status"] == "unavailable"
     assert "cuda" in rows["fusedres_cuda"]["reason"]
     assert rows["cudnn_fused"]["status"] == "unavailable"
     assert rows["compile"]["first_call_s"] > 0
+    assert rows["compile"]["memory"]["peak_step_MiB"] is None
     assert run["flops_per_image"] == pytest.approx(2 * 1.8e9 * (32 / 224) ** 2, rel=0.05)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["runs"][0]["candidates"][1]["times_ms"] == rows["eager_cl"]["times_ms"]
