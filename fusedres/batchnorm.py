@@ -28,23 +28,30 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
         bn.running_var.mul_(1 - factor).add_(unbiased_var.to(bn.running_var.dtype) * factor)
 
 
+def check_count(count: int, shape: tuple[int, ...], where: str = "") -> None:
+    if count == 1:
+        raise ValueError(f"{where}Expected more than 1 value per channel when training, got input size {shape}")
+
+
 def batch_norm_scale_bias(y: torch.Tensor, bn: nn.BatchNorm2d, backend: str,
                           where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     count = y.numel() // y.shape[1]
-    if count == 1:
-        raise ValueError(f"{where}Expected more than 1 value per channel when training, "
-                         f"got input size {tuple(y.shape)}")
-    update = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    check_count(count, tuple(y.shape), where)
     if count == 0:
         # Empty batch: nothing to normalise; nn.BatchNorm2d only counts the batch.
-        if update:
-            _update_running_stats(bn, y.new_empty(0), y.new_empty(0), 0)
         mean = y.new_zeros(y.shape[1], dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
         var = torch.ones_like(mean)
     else:
         mean, var = ops.bn_stats(y, backend)
-        if update:
-            _update_running_stats(bn, mean.detach(), var.detach(), count)
+    return scale_bias_from_stats(mean, var, count, bn)
+
+
+def scale_bias_from_stats(mean: torch.Tensor, var: torch.Tensor, count: int,
+                          bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias) of a train-mode BatchNorm from batch statistics over `count` values per
+    channel, updating `bn`'s running statistics (differentiable in mean, var and bn's affine)."""
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        _update_running_stats(bn, mean.detach(), var.detach(), count)
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(scale.dtype)

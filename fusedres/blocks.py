@@ -12,6 +12,12 @@ Per conv/BN pair the block picks one of two paths, as nn.BatchNorm2d itself woul
 * batch statistics (train mode, or no running stats): conv, `bn_stats`, and one
   `scale_bias_act` pass that applies BN, the residual (itself normalised, for a
   projection shortcut) and ReLU.
+
+When every BN of a block uses batch statistics (plain training), the block runs as a
+chain instead (the cuDNN "genstats" scheme): each `conv_bn_stats` returns its raw output
+and that output's batch statistics, the next conv applies the BN + ReLU in its prologue
+while loading its input, and one `scale_bias_act` pass ends the block. No normalised
+activation is written in the forward pass or saved for the backward.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torchvision.models import resnet as tv_resnet
 
 from fusedres import ops
 from fusedres.backends import check_backend_name, resolve_backend_name
-from fusedres.batchnorm import batch_norm_scale_bias
+from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.folding import FoldCache, uses_batch_stats
 
 
@@ -181,6 +187,8 @@ class FusedBlockMixin:
         self._check_input(x)
         backend = resolve_backend_name(self.backend)
         dtype = self._compute_dtype(x)
+        if self._runs_as_train_chain(x):
+            return self._train_chain(x, backend, dtype)
         out = x
         *inner, last = self._conv_bn_names
         for conv_name, bn_name in inner:
@@ -189,6 +197,40 @@ class FusedBlockMixin:
         conv_name, bn_name = last
         return self._conv_bn(conv_name, out, getattr(self, conv_name), getattr(self, bn_name), relu=True,
                              backend=backend, dtype=dtype, shortcut=self._shortcut(x))
+
+    def _runs_as_train_chain(self, x: torch.Tensor) -> bool:
+        """Every BN (downsample's too) uses batch statistics, no conv has a bias, the batch
+        is not empty, and the shortcut is the identity or a plain projection."""
+        if x.shape[0] == 0:
+            return False  # the per-pair path handles empty batches as nn.BatchNorm2d does
+        pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._conv_bn_names]
+        if self.downsample is not None:
+            parts = split_projection(self.downsample)
+            if parts is None or parts[0]:
+                return False
+            pairs.append(parts[1:])
+        return all(uses_batch_stats(bn) and conv.bias is None for conv, bn in pairs)
+
+    def _conv_stats_scale_bias(self, x, conv, bn, scale, shift, *, backend, dtype):
+        """y = conv(relu(x*scale+shift) or x), and the (scale, shift) of its own BN."""
+        y, mean, var = ops.conv_bn_stats(x.to(dtype), conv.weight.to(dtype), scale, shift, scale is not None,
+                                         list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
+                                         backend)
+        count = y.numel() // y.shape[1]
+        check_count(count, tuple(y.shape), f"{self.describe()}: ")
+        return y, *scale_bias_from_stats(mean, var, count, bn)
+
+    def _train_chain(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
+        y, scale, shift = x, None, None
+        for conv_name, bn_name in self._conv_bn_names:
+            y, scale, shift = self._conv_stats_scale_bias(y, getattr(self, conv_name), getattr(self, bn_name),
+                                                          scale, shift, backend=backend, dtype=dtype)
+        residual, residual_scale, residual_shift = x, None, None
+        if self.downsample is not None:
+            _, conv, bn = split_projection(self.downsample)
+            residual, residual_scale, residual_shift = self._conv_stats_scale_bias(
+                x, conv, bn, None, None, backend=backend, dtype=dtype)
+        return ops.scale_bias_act(y, scale, shift, residual, residual_scale, residual_shift, True, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reasons = self.unfusable_reasons()

@@ -128,6 +128,41 @@ def scale_bias_act(
     return out.to(y.dtype).contiguous(memory_format=suggest_memory_format(y))
 
 
+def prologue(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+    """relu?(x*scale + shift) per channel in accumulation dtype, cast to x.dtype: a BatchNorm
+    (with statistics already turned into scale and shift) applied while loading a conv input."""
+    acc = accumulation_dtype(x.dtype)
+    a = x.to(acc) * _channel_view(scale.to(acc)) + _channel_view(shift.to(acc))
+    if relu:
+        a = torch.relu(a)
+    return a.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))
+
+
+def conv_bn_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    in_shift: torch.Tensor | None,
+    prologue_relu: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = conv(P(x), weight) and the batch statistics of y (see `bn_stats`).
+
+    P is the previous BatchNorm (+ ReLU) as a `prologue` when `in_scale`/`in_shift` are
+    given, else the identity; the conv pads P(x) with zeros. This is one train-mode
+    conv of a block: the normalised input is never materialised, and the statistics the
+    next BatchNorm needs come out with the conv output (the cuDNN "genstats" scheme).
+    """
+    a = x if in_scale is None else prologue(x, in_scale, in_shift, prologue_relu)
+    y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+    y = y.contiguous(memory_format=conv_output_memory_format(x, weight))
+    mean, var = bn_stats(y)
+    return y, mean, var
+
+
 def fold_bn(
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,

@@ -123,10 +123,10 @@ def test_explicit_unavailable_backend_raises_with_every_reason():
         fusedres.ops.bn_stats(x, "cuda")
     assert "inputs are on cpu" in str(info.value)
     assert "not implemented" in str(info.value)
-    # triton runs CPU tensors through the interpreter (tests/conftest.py) but has no training kernels yet.
+    # triton runs CPU tensors through the interpreter (tests/conftest.py), but not float64.
     with pytest.raises(UnsupportedInputError, match="the 'triton' backend cannot run bn_stats") as info:
-        fusedres.ops.bn_stats(x, "triton")
-    assert "no Triton kernel for bn_stats yet" in str(info.value)
+        fusedres.ops.bn_stats(x.double(), "triton")
+    assert "float64 is not supported by the Triton kernels" in str(info.value)
 
 
 def test_auto_on_cpu_picks_torch_silently(recwarn):
@@ -148,10 +148,10 @@ def test_backend_names_and_env_var(monkeypatch):
 
 
 def test_block_with_explicit_unavailable_backend_raises(monkeypatch):
-    block = fusedres.BasicBlock(4, 4, backend="triton").train()  # no Triton training kernels yet
-    with pytest.raises(NotImplementedError, match="triton.*bn_stats"):
-        block(torch.randn(1, 4, 5, 5))
+    block = fusedres.BasicBlock(4, 4, backend="triton").train().double()  # no float64 Triton kernels
+    with pytest.raises(NotImplementedError, match="triton.*bn_stats.*float64"):
+        block(torch.randn(1, 4, 5, 5, dtype=torch.float64))
     monkeypatch.setenv("FUSEDRES_BACKEND", "cuda")
     block.backend = "auto"
     with pytest.raises(NotImplementedError, match="cuda"):
-        block(torch.randn(1, 4, 5, 5))
+        block(torch.randn(1, 4, 5, 5, dtype=torch.float64))

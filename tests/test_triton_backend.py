@@ -195,9 +195,15 @@ def test_reasons_for_dtypes_and_ops():
                        "multiplies them in one dtype)"]
     reasons = triton.not_supported_reasons("conv_bias_act", [x.int(), x.int()])
     assert len(reasons) == 1 and "torch.int32 is not supported" in reasons[0]
-    for op in ("bn_stats", "scale_bias_act"):
-        (reason,) = triton.not_supported_reasons(op, [x])
-        assert f"no Triton kernel for {op} yet" in reason and "issue 5" in reason
+    # The train-mode BatchNorm ops: fp16/bf16/fp32 activations, any floating per-channel vectors.
+    vec = torch.ones(4, device=DEVICE)
+    assert triton.not_supported_reasons("bn_stats", [half]) == []
+    assert triton.not_supported_reasons("scale_bias_act", [half, vec, vec, x, vec, vec]) == []
+    (reason,) = triton.not_supported_reasons("bn_stats", [x.double()])
+    assert "float64 is not supported" in reason
+    reasons = triton.not_supported_reasons("scale_bias_act", [x, vec.int(), vec, x[:, :2], None, None])
+    assert len(reasons) == 2 and "scale is torch.int32" in reasons[0] and "does not broadcast" in reasons[1]
+    assert triton.not_supported_reasons("no_such_op", [x]) == ["no Triton kernel for no_such_op"]
 
 
 def test_auto_on_cpu_picks_torch(recwarn):
@@ -206,10 +212,14 @@ def test_auto_on_cpu_picks_torch(recwarn):
     assert not [w for w in recwarn if "fusedres" in str(w.message)]
 
 
-def test_train_mode_on_explicit_triton_names_bn_stats():
-    block = fusedres.BasicBlock(4, 4, backend="triton").train()
-    with pytest.raises(UnsupportedInputError, match="bn_stats yet .*issue 5"):
-        block(torch.randn(2, 4, 5, 5, device=DEVICE))
+def test_train_mode_on_explicit_triton_runs_and_declines_float64():
+    """Train mode runs on the triton backend (tests/test_triton_bn.py checks the numbers);
+    float64 is declined, naming the first op that meets it (bn_stats, or conv_bn_stats where
+    the block computes its statistics with the conv)."""
+    block = fusedres.BasicBlock(4, 4, backend="triton").train().to(DEVICE)
+    assert block(torch.randn(2, 4, 5, 5, device=DEVICE)).shape == (2, 4, 5, 5)
+    with pytest.raises(UnsupportedInputError, match="cannot run (conv_)?bn_stats: float64 is not supported"):
+        block.double()(torch.randn(2, 4, 5, 5, device=DEVICE, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------

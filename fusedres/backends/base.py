@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fusedres import reference
+
 
 class UnsupportedInputError(NotImplementedError):
     """An explicitly requested backend cannot run this input (the message says why)."""
@@ -38,6 +40,79 @@ class Backend:
 
     def scale_bias_act(self, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError(f"the {self.name} backend does not implement scale_bias_act")
+
+    def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
+                      groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, mean, var) of `reference.conv_bn_stats`; this default runs the reference."""
+        return reference.conv_bn_stats(x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
+                                       groups)
+
+    # Backward of the train-mode BatchNorm ops, called by their autograd (fusedres.ops.bn)
+    # on the backend that ran the forward. The defaults are the PyTorch formulas: the one
+    # definition of these gradients, which kernels must match.
+
+    def bn_stats_backward(self, y: torch.Tensor, mean: torch.Tensor, grad_mean: torch.Tensor | None,
+                          grad_var: torch.Tensor | None) -> torch.Tensor:
+        """dy of (mean, biased var) = bn_stats(y): grad_mean/count + (y - mean)*grad_var*2/count
+        per channel (count = N*H*W; a None grad adds nothing), computed in the accumulation
+        dtype, returned in y's dtype and memory format (reference.suggest_memory_format)."""
+        count = y.numel() // y.shape[1]
+        acc = mean.dtype
+        grad = torch.zeros((), dtype=acc, device=y.device)
+        if grad_mean is not None:
+            grad = grad + _channel_view(grad_mean.to(acc)) / count
+        if grad_var is not None:
+            centered = y.to(acc) - _channel_view(mean)
+            grad = grad + centered * _channel_view(grad_var.to(acc)) * (2.0 / count)
+        grad = grad.expand(y.shape)
+        return grad.to(y.dtype).contiguous(memory_format=reference.suggest_memory_format(y))
+
+    def scale_bias_act_backward(self, grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor,
+                                scale: torch.Tensor, residual: torch.Tensor | None,
+                                residual_scale: torch.Tensor | None,
+                                needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+        """(dy, dscale, dbias, dresidual, dresidual_scale, dresidual_bias) of
+        `reference.scale_bias_act`, given the saved forward output `out` when it applied
+        ReLU (else None) and `needs`, which of its first six inputs want a gradient.
+
+        g = grad masked where out <= 0 (a NaN output passes its gradient), in the
+        accumulation dtype; dy = g*scale (y's dtype and memory format), dresidual = g, or
+        g*residual_scale for a projection shortcut (residual's dtype and memory format);
+        per channel over (N, H, W), in the accumulation dtype (the op casts each to its
+        input's dtype): dscale = sum g*y, dbias = dresidual_bias = sum g, dresidual_scale =
+        sum g*residual. None for what is not needed, and for a residual's (scale's) grads
+        without a residual (scale).
+        """
+        acc = reference.accumulation_dtype(y.dtype)
+        g = grad.masked_fill(out <= 0, 0) if out is not None else grad
+        g = g.to(acc)
+        dims = (0, 2, 3)
+        grads: list[torch.Tensor | None] = [None] * 6
+        if needs[0]:
+            grads[0] = (g * _channel_view(scale.to(acc))).to(y.dtype)
+        if needs[1]:
+            grads[1] = (g * y.to(acc)).sum(dim=dims)
+        if needs[2]:
+            grads[2] = g.sum(dim=dims)
+        if residual is not None:
+            if residual_scale is None:
+                if needs[3]:
+                    grads[3] = g.to(residual.dtype)
+            else:
+                if needs[3]:
+                    grads[3] = (g * _channel_view(residual_scale.to(acc))).to(residual.dtype)
+                if needs[4]:
+                    grads[4] = (g * residual.to(acc)).sum(dim=dims)
+                if needs[5]:
+                    grads[5] = g.sum(dim=dims)
+        for i, like in ((0, y), (3, residual)):
+            if grads[i] is not None:
+                grads[i] = grads[i].contiguous(memory_format=reference.suggest_memory_format(like))
+        return tuple(grads)
+
+
+def _channel_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1, 1, 1)
 
 
 def device_reasons(backend: Backend, tensors: Sequence[torch.Tensor | None]) -> list[str]:

@@ -1,8 +1,14 @@
 """The `triton` backend: fused implicit-GEMM Triton kernels.
 
-Implemented: `conv_bias_act` (eval-mode conv + folded BN + residual / projection shortcut
-+ ReLU), through the `fusedres::triton_conv_bias_act` op (`fusedres.triton.ops`).
-Training ops (`bn_stats`, `scale_bias_act`) are not implemented yet (issue 5).
+Implemented:
+
+* `conv_bias_act` (eval-mode conv + folded BN + residual / projection shortcut + ReLU),
+  through the `fusedres::triton_conv_bias_act` op (`fusedres.triton.ops`);
+* the train-mode BatchNorm ops `bn_stats` and `scale_bias_act` and their backward
+  (`fusedres.triton.bn`); the backward kernels run through the opaque custom ops
+  `fusedres::triton_bn_stats_backward` / `fusedres::triton_scale_bias_act_backward` so
+  that torch.compile can trace the autograd formula. (In train mode the convolutions
+  themselves still run through F.conv2d.)
 
 The backend targets CUDA: `auto` considers it for CUDA tensors only. An explicit
 `backend="triton"` also runs CPU tensors when the Triton interpreter is on
@@ -22,10 +28,7 @@ from fusedres import reference
 from fusedres.backends.base import Backend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NOT_YET = {
-    "bn_stats": "no Triton kernel for bn_stats yet (training on the triton backend is issue 5)",
-    "scale_bias_act": "no Triton kernel for scale_bias_act yet (training on the triton backend is issue 5)",
-}
+_BN_OPS = ("bn_stats", "scale_bias_act")
 
 
 @functools.cache
@@ -44,15 +47,21 @@ def _interpreting() -> bool:
     return conv._INTERPRET
 
 
-def _dtype_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
-    """conv_bias_act's (x, weight, bias, residual, shortcut_x, shortcut_weight)."""
-    x, weight, bias, residual, shortcut_x, shortcut_weight = (*tensors, None, None, None, None, None)[:6]
+def _main_dtype_reasons(x: torch.Tensor) -> list[str]:
     if x.dtype == torch.float64:
         return ["float64 is not supported by the Triton kernels (float16, bfloat16 and float32 are; "
                 "use backend='torch' for float64)"]
     if x.dtype not in _DTYPES:
         return [f"dtype {x.dtype} is not supported by the Triton kernels (float16, bfloat16 and float32 are)"]
-    reasons = []
+    return []
+
+
+def _dtype_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
+    """conv_bias_act's (x, weight, bias, residual, shortcut_x, shortcut_weight)."""
+    x, weight, bias, residual, shortcut_x, shortcut_weight = (*tensors, None, None, None, None, None)[:6]
+    reasons = _main_dtype_reasons(x)
+    if reasons:
+        return reasons
     # The weights and the projection shortcut meet x in tl.dot, so they need x's dtype; the
     # bias and the residual are read in fp32 and may be any floating dtype.
     for name, t in (("weight", weight), ("shortcut_x", shortcut_x), ("shortcut_weight", shortcut_weight)):
@@ -63,6 +72,35 @@ def _dtype_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
         if t is not None and not t.is_floating_point():
             reasons.append(f"{name} is {t.dtype}, not floating point")
     return reasons
+
+
+def _bn_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
+    """bn_stats's (y,) or scale_bias_act's (y, scale, bias, residual, residual_scale, residual_bias)."""
+    y, *rest = tensors
+    if y.dim() != 4:
+        return [f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}"]
+    reasons = _main_dtype_reasons(y)
+    names = ("scale", "bias", "residual", "residual_scale", "residual_bias")
+    for name, t in zip(names, rest):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            reasons.append(f"{name} is {t.dtype}, not floating point")
+        elif name == "residual" and t.shape != y.shape:
+            reasons.append(f"residual has shape {tuple(t.shape)}, not y's {tuple(y.shape)} (the Triton kernel "
+                           f"does not broadcast)")
+        elif name != "residual" and t.numel() != y.shape[1]:
+            reasons.append(f"{name} has {t.numel()} elements, not one per channel ({y.shape[1]})")
+    return reasons
+
+
+def _on_device(t: torch.Tensor, fn, *args):
+    """fn(*args) with t's CUDA device current: Triton launches on the current device and
+    custom ops get no device guard."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            return fn(*args)
+    return fn(*args)
 
 
 class TritonBackend(Backend):
@@ -76,10 +114,14 @@ class TritonBackend(Backend):
         reasons = self._device_reasons(tensors, interpreting=ops is not None and _interpreting())
         if import_error:
             reasons.append(import_error)
-        if op != "conv_bias_act":
-            reasons.append(_NOT_YET.get(op, f"no Triton kernel for {op}"))
-        elif tensors and tensors[0] is not None:
-            reasons += _dtype_reasons(tensors)
+        if op in ("conv_bias_act", "conv_bn_stats"):
+            if tensors and tensors[0] is not None:
+                reasons += _dtype_reasons(tensors[:2])
+        elif op in _BN_OPS:
+            if tensors and tensors[0] is not None:
+                reasons += _bn_reasons(tensors)
+        else:
+            reasons.append(f"no Triton kernel for {op}")
         return reasons
 
     def _device_reasons(self, tensors: Sequence[torch.Tensor | None], interpreting: bool) -> list[str]:
@@ -99,13 +141,39 @@ class TritonBackend(Backend):
         ops, _ = _load()
         args = (x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride), list(padding),
                 list(dilation), groups, list(shortcut_stride), relu)
-        if x.is_cuda and x.device.index != torch.cuda.current_device():
-            # Triton launches on the current device; custom ops get no device guard.
-            with torch.cuda.device(x.device):
-                out = ops.conv_bias_act(*args)
-        else:
-            out = ops.conv_bias_act(*args)
+        out = _on_device(x, ops.conv_bias_act, *args)
         # The kernel writes channels_last; give what PyTorch's convolution would (the op's fake).
         if reference.conv_output_memory_format(x, weight) != torch.channels_last:
             out = out.contiguous()
         return out
+
+    def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation, groups):
+        """The train-mode conv: the implicit-GEMM kernel applying the previous BN + ReLU in its
+        prologue, then the batch statistics of its output (a separate pass for now)."""
+        from fusedres.triton import conv as tconv
+
+        y = _on_device(x, tconv.conv_bias_act, x, weight, None, None, None, None, list(stride), list(padding),
+                       list(dilation), groups, (1, 1), False, in_scale, in_shift, prologue_relu)
+        if reference.conv_output_memory_format(x, weight) != torch.channels_last:
+            y = y.contiguous()
+        mean, var = self.bn_stats(y)
+        return y, mean, var
+
+    # Train-mode BatchNorm. The forward kernels run inside the public (opaque) ops; the
+    # backward ones through their own custom ops (see fusedres.triton.ops).
+
+    def bn_stats(self, y):
+        ops, _ = _load()
+        return _on_device(y, ops.tbn.bn_stats, y)
+
+    def scale_bias_act(self, y, scale, bias, residual, residual_scale, residual_bias, relu):
+        ops, _ = _load()
+        return _on_device(y, ops.tbn.scale_bias_act, y, scale, bias, residual, residual_scale, residual_bias, relu)
+
+    def bn_stats_backward(self, y, mean, grad_mean, grad_var):
+        ops, _ = _load()
+        return _on_device(y, ops.bn_stats_backward, y, mean, grad_mean, grad_var)
+
+    def scale_bias_act_backward(self, grad, out, y, scale, residual, residual_scale, needs):
+        ops, _ = _load()
+        return _on_device(y, ops.sba_backward_from_op, grad, out, y, scale, residual, residual_scale, needs)

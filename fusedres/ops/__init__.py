@@ -6,5 +6,6 @@ Each op takes a `backend` argument ("auto", "triton", "cuda" or "torch"); see
 
 from fusedres.ops.bn import bn_stats, scale_bias_act
 from fusedres.ops.conv import conv_bias_act
+from fusedres.ops.conv_train import conv_bn_stats
 
-__all__ = ["bn_stats", "conv_bias_act", "scale_bias_act"]
+__all__ = ["bn_stats", "conv_bias_act", "conv_bn_stats", "scale_bias_act"]

@@ -1,4 +1,5 @@
-"""torch.library registration of the Triton kernels: `fusedres::triton_conv_bias_act`.
+"""torch.library registration of the Triton kernels: `fusedres::triton_conv_bias_act`, and
+the backward ops of the train-mode BatchNorm kernels (at the end of this file).
 
 The `triton` backend runs `fusedres::conv_bias_act` through this op. It is a
 `torch.library.triton_op` whose body launches the kernel through
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedres import reference
+from fusedres.triton import bn as tbn
 from fusedres.triton import conv as tconv
 
 NAME = "fusedres::triton_conv_bias_act"
@@ -59,3 +62,67 @@ else:
     conv_bias_act = torch.library.custom_op(NAME, mutates_args=(), schema=SCHEMA)(_launch)
 # triton_op already traces `_launch` as its fake; this one is cheaper and the same for both.
 conv_bias_act.register_fake(_fake)
+
+
+# ---------------------------------------------------------------------------------------
+# Train-mode BatchNorm backward (fusedres.triton.bn). The triton backend's forward kernels
+# run inside the public fusedres::bn_stats / fusedres::scale_bias_act ops, which are
+# opaque to torch.compile; their backward runs inside the autograd formula, which
+# AOTAutograd traces with fake tensors, so the backward launches need ops of their own.
+# Plain custom ops (opaque under torch.compile); becoming `triton_op`s would let inductor
+# see and schedule the launches.
+
+SBA_BACKWARD = "fusedres::triton_scale_bias_act_backward"
+SBA_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor? out, Tensor y, Tensor scale, Tensor? residual, Tensor? residual_scale, bool[] needs) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+STATS_BACKWARD = "fusedres::triton_bn_stats_backward"
+STATS_BACKWARD_SCHEMA = "(Tensor y, Tensor mean, Tensor? grad_mean, Tensor? grad_var) -> Tensor"
+
+
+def _sba_backward(grad, out, y, scale, residual, residual_scale, needs):
+    """tbn.scale_bias_act_backward, with an empty placeholder for each gradient it does not
+    compute (an op returns tensors, not None): `sba_backward_from_op` turns them back."""
+    grads = tbn.scale_bias_act_backward(grad, out, y, scale, residual, residual_scale, needs)
+    return tuple(y.new_empty(0) if g is None else g for g in grads)
+
+
+def _sba_backward_fake(grad, out, y, scale, residual, residual_scale, needs):
+    want = tbn.sba_backward_outputs(needs, residual, residual_scale)
+    channels = y.shape[1]
+
+    def like(t):
+        return torch.empty_like(t, memory_format=reference.suggest_memory_format(t))
+
+    shapes = (like(y), None, None, like(residual) if residual is not None else None, None, None)
+    return tuple(
+        y.new_empty(0) if not w else shapes[i] if shapes[i] is not None else
+        y.new_empty(channels, dtype=torch.float32)
+        for i, w in enumerate(want)
+    )
+
+
+def sba_backward_from_op(grad, out, y, scale, residual, residual_scale, needs):
+    """(dy, dscale, dbias, dresidual, dresidual_scale, dresidual_bias), None where not computed."""
+    grads = scale_bias_act_backward(grad, out, y, scale, residual, residual_scale, [bool(n) for n in needs])
+    want = tbn.sba_backward_outputs(needs, residual, residual_scale)
+    return tuple(g if w else None for g, w in zip(grads, want))
+
+
+scale_bias_act_backward = torch.library.custom_op(SBA_BACKWARD, mutates_args=(),
+                                                  schema=SBA_BACKWARD_SCHEMA)(_sba_backward)
+scale_bias_act_backward.register_fake(_sba_backward_fake)
+
+
+def _stats_backward(y, mean, grad_mean, grad_var):
+    return tbn.bn_stats_backward(y, mean, grad_mean, grad_var)
+
+
+bn_stats_backward = torch.library.custom_op(STATS_BACKWARD, mutates_args=(),
+                                            schema=STATS_BACKWARD_SCHEMA)(_stats_backward)
+
+
+@bn_stats_backward.register_fake
+def _(y, mean, grad_mean, grad_var):
+    return torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
