@@ -307,3 +307,20 @@ def assert_training_matches(ref: nn.Module, fused: nn.Module, x: torch.Tensor, s
     assert bn_training_flags(fused) == bn_training_flags(ref)
     for name, p in fused.named_parameters():
         assert_close_rel_to_max(p.detach(), ref_params[name].detach(), f"parameter {name}")
+
+
+def narrow_resnet(block: type[nn.Module], **kwargs) -> nn.Module:
+    """torchvision's ResNet with stage widths 8/16/32/64 instead of 64..512 (built with its
+    own _make_layer), so that it runs in the Triton interpreter in seconds."""
+    from torchvision.models import resnet as tv
+
+    model = tv.ResNet(block, [1, 1, 1, 1], num_classes=10, **kwargs)
+    model.inplanes = 8
+    model.conv1 = nn.Conv2d(3, 8, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(8)
+    model.layer1 = model._make_layer(block, 8, 1)
+    model.layer2 = model._make_layer(block, 16, 1, stride=2)
+    model.layer3 = model._make_layer(block, 32, 1, stride=2)
+    model.layer4 = model._make_layer(block, 64, 1, stride=2)
+    model.fc = nn.Linear(64 * block.expansion, 10)
+    return model

@@ -31,7 +31,7 @@ import os
 import pytest
 import torch
 import torchvision.models.resnet as tv
-from helpers import assert_close_scaled, randomize_bn
+from helpers import assert_close_scaled, narrow_resnet, randomize_bn
 from torch import nn
 
 import fusedres
@@ -277,28 +277,13 @@ def test_block_eval_float32_against_torchvision_float64(kind, inplanes, planes, 
                         "block output")
 
 
-def _narrow_resnet(block: type[nn.Module], **kwargs) -> tv.ResNet:
-    """torchvision's ResNet with stage widths 8/16/32/64 instead of 64..512 (built with its
-    own _make_layer), so that it runs in the Triton interpreter in seconds."""
-    model = tv.ResNet(block, [1, 1, 1, 1], num_classes=10, **kwargs)
-    model.inplanes = 8
-    model.conv1 = nn.Conv2d(3, 8, kernel_size=7, stride=2, padding=3, bias=False)
-    model.bn1 = nn.BatchNorm2d(8)
-    model.layer1 = model._make_layer(block, 8, 1)
-    model.layer2 = model._make_layer(block, 16, 1, stride=2)
-    model.layer3 = model._make_layer(block, 32, 1, stride=2)
-    model.layer4 = model._make_layer(block, 64, 1, stride=2)
-    model.fc = nn.Linear(64 * block.expansion, 10)
-    return model
-
-
 @pytest.mark.parametrize("block, kwargs", [
     pytest.param(tv.BasicBlock, {}, id="resnet-basic"),
     pytest.param(tv.Bottleneck, {"groups": 4, "width_per_group": 16}, id="resnext-bottleneck"),
 ])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_converted_narrow_resnet_against_torchvision_float64(block, kwargs, channels_last):
-    ref = randomize_bn(_narrow_resnet(block, **kwargs)).eval()
+    ref = randomize_bn(narrow_resnet(block, **kwargs)).eval()
     fused = fusedres.convert(ref, backend="triton").to(DEVICE).eval()
     assert sum(isinstance(m, (fusedres.BasicBlock, fusedres.Bottleneck)) for m in fused.modules()) == 4
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

@@ -47,6 +47,50 @@ class Backend:
         return reference.conv_bn_stats(x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
                                        groups)
 
+    # The elementwise parts of conv_bn_stats' backward (fusedres.ops.conv_train); the conv
+    # backward itself runs through ATen's convolution_backward between them.
+
+    def conv_bn_stats_grad_y(self, grad_y: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
+                             grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None) -> torch.Tensor:
+        """The total gradient of the conv output: grad_y + bn_stats_backward(y, mean, grad_mean,
+        grad_var), in y's dtype and memory format (None grads add nothing)."""
+        acc = mean.dtype
+        # 1/count as a 0-d tensor: a Python float made from symbolic sizes trips AOT
+        # autograd's dynamic-shape tracing when the sizes are those of an op's output.
+        count = torch.full((), y.numel() // y.shape[1], dtype=acc, device=y.device)
+        g = torch.zeros((), dtype=acc, device=y.device) if grad_y is None else grad_y.to(acc)
+        if grad_mean is not None:
+            g = g + _channel_view(grad_mean.to(acc)) / count
+        if grad_var is not None:
+            g = g + (y.to(acc) - _channel_view(mean)) * _channel_view(grad_var.to(acc)) * (2 / count)
+        return g.expand(y.shape).to(y.dtype).contiguous(memory_format=reference.suggest_memory_format(y))
+
+    def prologue(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+        """`reference.prologue`: relu?(x*scale + shift), recomputed for the weight gradient."""
+        return reference.prologue(x, scale, shift, relu)
+
+    def prologue_backward(self, grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                          relu: bool, needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+        """(dx, dscale, dshift) of a = relu?(x*scale + shift) given da: the ReLU mask from the
+        recomputed pre-activation, dx = da*scale (x's dtype and memory format), dscale =
+        sum da*x and dshift = sum da per channel (accumulation dtype). `needs` says which of
+        the three are wanted; the others are None."""
+        acc = reference.accumulation_dtype(x.dtype)
+        ga = grad_a.to(acc)
+        if relu:
+            pre = x.to(acc) * _channel_view(scale.to(acc)) + _channel_view(shift.to(acc))
+            ga = ga.masked_fill(pre <= 0, 0)
+        dims = (0, 2, 3)
+        dx = dscale = dshift = None
+        if needs[0]:
+            dx = (ga * _channel_view(scale.to(acc))).to(x.dtype)
+            dx = dx.contiguous(memory_format=reference.suggest_memory_format(x))
+        if needs[1]:
+            dscale = (ga * x.to(acc)).sum(dim=dims)
+        if needs[2]:
+            dshift = ga.sum(dim=dims)
+        return dx, dscale, dshift
+
     # Backward of the train-mode BatchNorm ops, called by their autograd (fusedres.ops.bn)
     # on the backend that ran the forward. The defaults are the PyTorch formulas: the one
     # definition of these gradients, which kernels must match.

@@ -9,6 +9,10 @@ Implemented:
   `fusedres::triton_bn_stats_backward` / `fusedres::triton_scale_bias_act_backward` so
   that torch.compile can trace the autograd formula. (In train mode the convolutions
   themselves still run through F.conv2d.)
+* the elementwise passes of `conv_bn_stats`' backward (`conv_bn_stats_grad_y`, `prologue`,
+  `prologue_backward`; `fusedres.triton.prologue`), through the opaque custom ops
+  `fusedres::triton_conv_bn_stats_grad_y` / `triton_prologue` / `triton_prologue_backward`.
+  Inputs the kernels do not take (float64, other devices) get the PyTorch defaults.
 
 The backend targets CUDA: `auto` considers it for CUDA tensors only. An explicit
 `backend="triton"` also runs CPU tensors when the Triton interpreter is on
@@ -103,6 +107,16 @@ def _on_device(t: torch.Tensor, fn, *args):
     return fn(*args)
 
 
+def _kernel_ok(main: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the elementwise backward kernels take these tensors (else: the defaults)."""
+    if main.dim() != 4 or main.dtype not in _DTYPES or _load()[0] is None:
+        return False
+    tensors = [main, *[t for t in others if t is not None]]
+    if any(not t.is_floating_point() for t in tensors):
+        return False
+    return all(t.is_cuda or (t.device.type == "cpu" and _interpreting()) for t in tensors)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -177,3 +191,26 @@ class TritonBackend(Backend):
     def scale_bias_act_backward(self, grad, out, y, scale, residual, residual_scale, needs):
         ops, _ = _load()
         return _on_device(y, ops.sba_backward_from_op, grad, out, y, scale, residual, residual_scale, needs)
+
+    # The elementwise passes of conv_bn_stats' backward (fusedres.ops.conv_train), called
+    # from its autograd formula: through custom ops (fusedres.triton.ops) so that
+    # torch.compile can trace it. float64 (never run by this backend's forward) and
+    # anything else the kernels do not take keep the PyTorch defaults.
+
+    def conv_bn_stats_grad_y(self, grad_y, y, mean, grad_mean, grad_var):
+        if mean.dtype != torch.float32 or not _kernel_ok(y, grad_y, mean, grad_mean, grad_var):
+            return super().conv_bn_stats_grad_y(grad_y, y, mean, grad_mean, grad_var)
+        ops, _ = _load()
+        return _on_device(y, ops.conv_bn_stats_grad_y, grad_y, y, mean, grad_mean, grad_var)
+
+    def prologue(self, x, scale, shift, relu):
+        if not _kernel_ok(x, scale, shift):
+            return super().prologue(x, scale, shift, relu)
+        ops, _ = _load()
+        return _on_device(x, ops.prologue, x, scale, shift, relu)
+
+    def prologue_backward(self, grad_a, x, scale, shift, relu, needs):
+        if not _kernel_ok(x, grad_a, scale, shift):
+            return super().prologue_backward(grad_a, x, scale, shift, relu, needs)
+        ops, _ = _load()
+        return _on_device(x, ops.prologue_backward, grad_a, x, scale, shift, relu, needs)

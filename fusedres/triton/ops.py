@@ -1,5 +1,6 @@
-"""torch.library registration of the Triton kernels: `fusedres::triton_conv_bias_act`, and
-the backward ops of the train-mode BatchNorm kernels (at the end of this file).
+"""torch.library registration of the Triton kernels: `fusedres::triton_conv_bias_act`, the
+backward ops of the train-mode BatchNorm kernels and those of conv_bn_stats' backward (at
+the end of this file).
 
 The `triton` backend runs `fusedres::conv_bias_act` through this op. It is a
 `torch.library.triton_op` whose body launches the kernel through
@@ -27,6 +28,7 @@ import torch
 from fusedres import reference
 from fusedres.triton import bn as tbn
 from fusedres.triton import conv as tconv
+from fusedres.triton import prologue as tpro
 
 NAME = "fusedres::triton_conv_bias_act"
 SCHEMA = (
@@ -126,3 +128,71 @@ bn_stats_backward = torch.library.custom_op(STATS_BACKWARD, mutates_args=(),
 @bn_stats_backward.register_fake
 def _(y, mean, grad_mean, grad_var):
     return torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
+
+
+# ---------------------------------------------------------------------------------------
+# The elementwise passes of fusedres::conv_bn_stats' backward (fusedres.triton.prologue).
+# They run inside that op's autograd formula, which AOTAutograd traces with fake tensors:
+# opaque custom ops, like the BatchNorm backward ops above.
+
+GRAD_Y = "fusedres::triton_conv_bn_stats_grad_y"
+GRAD_Y_SCHEMA = "(Tensor? grad_y, Tensor y, Tensor mean, Tensor? grad_mean, Tensor? grad_var) -> Tensor"
+PROLOGUE = "fusedres::triton_prologue"
+PROLOGUE_SCHEMA = "(Tensor x, Tensor scale, Tensor shift, bool relu) -> Tensor"
+PROLOGUE_BACKWARD = "fusedres::triton_prologue_backward"
+PROLOGUE_BACKWARD_SCHEMA = (
+    "(Tensor grad_a, Tensor x, Tensor scale, Tensor shift, bool relu, bool[] needs) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _like_reference(t):
+    return torch.empty_like(t, memory_format=reference.suggest_memory_format(t))
+
+
+def _grad_y(grad_y, y, mean, grad_mean, grad_var):
+    return tpro.conv_bn_stats_grad_y(grad_y, y, mean, grad_mean, grad_var)
+
+
+conv_bn_stats_grad_y = torch.library.custom_op(GRAD_Y, mutates_args=(), schema=GRAD_Y_SCHEMA)(_grad_y)
+
+
+@conv_bn_stats_grad_y.register_fake
+def _(grad_y, y, mean, grad_mean, grad_var):
+    return _like_reference(y)
+
+
+def _prologue(x, scale, shift, relu):
+    return tpro.prologue(x, scale, shift, relu)
+
+
+prologue = torch.library.custom_op(PROLOGUE, mutates_args=(), schema=PROLOGUE_SCHEMA)(_prologue)
+
+
+@prologue.register_fake
+def _(x, scale, shift, relu):
+    return _like_reference(x)
+
+
+def _prologue_backward(grad_a, x, scale, shift, relu, needs):
+    """tpro.prologue_backward with an empty placeholder for each gradient not computed."""
+    grads = tpro.prologue_backward(grad_a, x, scale, shift, relu, needs)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+_prologue_backward_op = torch.library.custom_op(PROLOGUE_BACKWARD, mutates_args=(),
+                                                schema=PROLOGUE_BACKWARD_SCHEMA)(_prologue_backward)
+
+
+@_prologue_backward_op.register_fake
+def _(grad_a, x, scale, shift, relu, needs):
+    c = x.shape[1]
+    return (_like_reference(x) if needs[0] else x.new_empty(0),
+            x.new_empty(c, dtype=torch.float32) if needs[1] else x.new_empty(0),
+            x.new_empty(c, dtype=torch.float32) if needs[2] else x.new_empty(0))
+
+
+def prologue_backward(grad_a, x, scale, shift, relu, needs):
+    """(dx, dscale, dshift) through the op, None where `needs` is false."""
+    needs = [bool(n) for n in needs]
+    grads = _prologue_backward_op(grad_a, x, scale, shift, relu, needs)
+    return tuple(g if w else None for g, w in zip(grads, needs))
