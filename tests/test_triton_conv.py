@@ -295,12 +295,208 @@ def _bad(**overrides):
     pytest.param(_bad(bias=torch.randn(8, device="meta")), ValueError, "bias is on meta", id="device"),
     pytest.param(_bad(x=torch.randn(1, 8, 2, 2)), ValueError, "output size .* is empty", id="too-small"),
     pytest.param(_bad(out=torch.empty(1, 8, 3, 3)), ValueError, "channels_last-contiguous", id="out-format"),
+    pytest.param(_bad(stats=True, bias=torch.randn(8)), ValueError, r"stats=True .*: bias cannot", id="stats-bias"),
+    pytest.param(_bad(stats=True, residual=torch.randn(1, 8, 3, 3)), ValueError, r"stats=True .*: residual cannot",
+                 id="stats-residual"),
+    pytest.param(_bad(stats=True, shortcut_x=torch.randn(1, 4, 3, 3), shortcut_weight=torch.randn(8, 4, 1, 1)),
+                 ValueError, r"stats=True .*: shortcut_x, shortcut_weight cannot", id="stats-shortcut"),
+    pytest.param(_bad(stats=True, relu=True), ValueError, r"stats=True .*: relu cannot", id="stats-relu"),
 ])
 def test_bad_input(call, exc, match):
     if DEVICE != "cpu":
         pytest.skip("the bad-input cases build CPU tensors")
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------
+# Batch statistics in the epilogue (stats=True): y = conv(P(x), w) and its per-channel mean
+# and biased variance, against reference.conv_bn_stats.
+#
+# y is checked elementwise with the bounds above. mean/var are checked twice, per channel:
+#
+# 1. Against the float64 statistics of the y the kernel stored (what conv_bn_stats computes
+#    from its y), which isolates the epilogue's arithmetic. With u = eps32/2, T the largest
+#    BLOCK_M (the most rows one tile reduces in fp32), R = max|y - mean|, A = max|y|:
+#    * a tile's m0 = fl(sum y)/n is within T*u*A of the tile mean, so every d = y - m0 the
+#      tile forms has |d| <= D = 2R + T*u*A (|y - tile mean| <= 2R);
+#    * the tile mean m0 + fl(sum d)/n (m0 is stored exactly) errs by <= (T+2)*u*D: the
+#      roundings of each d, of their sum and of the division; the fp64 combine adds ~1e-16
+#      relative and the final cast to fp32 u*|mean|;
+#    * a tile's M2 = fl(sum d^2) - sum(d)*sum(d)/n errs by <= (T+3)*u*n*D^2 (rounding of d,
+#      of d^2, a sum of n terms; the correction is O(u^2)); the combine's n_i*(mean_i -
+#      mean)^2 with |mean_i - mean| <= D and both means off by <= (T+2)*u*D costs
+#      <= 4*(T+2)*u*D^2 per pixel; the cast to fp32 u*var. So var errs by <= 5*(T+3)*u*D^2
+#      + u*var.
+#    We allow 2x both (eps32 in place of u). These bounds are independent of the size of the
+#    mean except through D's tiny T*u*A term: a naive fp32 E[y^2] - E[y]^2 would err by
+#    ~u*mean^2 and fail test_stats_large_mean.
+# 2. Against conv_bn_stats in float64 (exact y): with b the elementwise bound on y - y_ref,
+#    |mean(y) - mean(y_ref)| <= mean(b) and |var(y) - var(y_ref)| <= 4*R*mean(b) + 4*max(b)^2
+#    (var(y) - var(y_ref) = 2*mean((y_ref - mean_ref)*(e - mean(e))) + mean((e - mean(e))^2),
+#    e = y - y_ref), added to the bounds of 1.
+
+STATS_T = max(c.kwargs["BLOCK_M"] for c in tconv._CONFIGS)
+_DIMS = (0, 2, 3)
+
+
+def _stats_case(c, oc, hw, k, stride=1, pad=0, groups=1, n=2, prologue=None, nchw=False):
+    return _case(c, oc, hw, k, stride=stride, pad=pad, groups=groups, n=n, bias=False, prologue=prologue, nchw=nchw)
+
+
+# Every M = N*P*Q below leaves a partially valid last M tile (interpreter BLOCK_M = 32).
+STATS_CASES = [
+    pytest.param(_stats_case(16, 20, (5, 7), 1, nchw=True), id="1x1-nchw-M70"),  # 2 N tiles, the 2nd masked
+    pytest.param(_stats_case(16, 24, (5, 7), 3, pad=1, prologue="relu"), id="3x3-prologue-relu-M70"),
+    # OCg = 4 of a 16-wide N tile: the masked columns alias the next group's channels.
+    pytest.param(_stats_case(16, 16, (9, 13), 3, stride=2, pad=1, groups=4, prologue="affine", nchw=True),
+                 id="3x3-s2-g4-flat-M70"),
+    pytest.param(_stats_case(64, 64, (5, 7), 3, pad=1, groups=4, n=1), id="3x3-g4-tap-M35"),
+    pytest.param(_stats_case(12, 20, (9, 11), 1, stride=2, n=3), id="1x1-s2-flat-M90"),
+]
+
+
+@pytest.fixture
+def _poisoned(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN (a huge count for the int32 count
+    buffer): an unwritten element it then reads shows up as a NaN statistic."""
+    allocated = []
+
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        allocated.append(t)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1 << 20)
+    monkeypatch.setattr(tconv, "_empty", empty)
+    return allocated
+
+
+def _run_stats(t, cfg, out):
+    a = _conv_args(cfg)
+    return tconv.conv_bias_act(t["x"], t["weight"], in_scale=t["in_scale"], in_shift=t["in_shift"],
+                               prologue_relu=cfg["prologue"] == "relu", out=out, stride=a["stride"],
+                               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], stats=True)
+
+
+def _stats_bounds(y64):
+    """(mean, var, mean bound, var bound, R): float64 statistics of y64 and the bounds of 1."""
+    eps = EPS[torch.float32]
+    mean, var = reference.bn_stats(y64)
+    r = (y64 - mean.view(1, -1, 1, 1)).abs().amax(_DIMS)
+    d = 2 * r + STATS_T * eps / 2 * y64.abs().amax(_DIMS)
+    return mean, var, (STATS_T + 2) * eps * d + eps * mean.abs(), 5 * (STATS_T + 3) * eps * d * d + eps * var, r
+
+
+def _assert_within(name, got, want, bound):
+    err = (got.double() - want).abs()
+    worst = (err / (bound + 1e-30)).max().item()
+    assert worst <= 1.0, f"{name}: max error / bound = {worst:.3f} (max abs error {err.max().item():.3e})"
+
+
+def _check_stats(cfg, dtype):
+    t = _inputs(cfg, dtype)
+    a = _conv_args(cfg)
+    d = {k: None if v is None else v.double() for k, v in t.items()}
+    y_ref, mean_ref, var_ref = reference.conv_bn_stats(d["x"], d["weight"], d["in_scale"], d["in_shift"],
+                                                       cfg["prologue"] == "relu", list(a["stride"]),
+                                                       list(a["padding"]), list(a["dilation"]), a["groups"])
+    out = torch.full(y_ref.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=CL)
+    y, mean, var = _run_stats(t, cfg, out)
+    assert y is out and not torch.isnan(y).any(), "unwritten (NaN-poisoned) output elements"
+    oc = y_ref.shape[1]
+    for v in (mean, var):
+        assert v.shape == (oc,) and v.dtype == torch.float32
+    # y, elementwise.
+    b = _tolerance_factor(cfg, dtype, INTERPRET) * _reference(t, cfg, absolute=True)
+    _assert_within("y", y, y_ref, b)
+    # 1. The statistics of the stored y.
+    mean_y, var_y, bm, bv, _ = _stats_bounds(y.double())
+    _assert_within("mean vs stats of stored y", mean, mean_y, bm)
+    _assert_within("var vs stats of stored y", var, var_y, bv)
+    # 2. conv_bn_stats in float64.
+    r_ref = (y_ref - mean_ref.view(1, -1, 1, 1)).abs().amax(_DIMS)
+    _assert_within("mean vs reference", mean, mean_ref, bm + b.mean(_DIMS))
+    _assert_within("var vs reference", var, var_ref, bv + 4 * r_ref * b.mean(_DIMS) + 4 * b.amax(_DIMS) ** 2)
+    return t, y, mean, var
+
+
+@pytest.mark.usefixtures("_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", STATS_CASES)
+def test_stats_matches_reference(cfg, dtype):
+    _check_stats(cfg, dtype)
+
+
+@pytest.mark.parametrize("cfg", [STATS_CASES[0], STATS_CASES[2]])
+def test_stats_several_rows_per_tile(cfg, monkeypatch, _poisoned):
+    """Partial rows finer than BLOCK_M (as on a GPU when the autotuner picks BLOCK_M = 128 and
+    the buffers have a row per 64 pixels): a tile writes the first of its rows and zero
+    counts in the others, which the combine must skip; the last tile's spare row is past
+    the buffer's end (M = 70: rows of 16 pixels, tiles of 32, 5 rows, 3 tiles). The unused
+    rows must stay untouched: a tile's masked columns (past its group's OCg, or past OC)
+    must not spill into them."""
+    monkeypatch.setattr(tconv, "_STATS_TILE_M", 16)
+    _check_stats(cfg, torch.float32)
+    (cnt,) = [t for t in _poisoned if t.dtype == torch.int32]
+    parts = [t for t in _poisoned if t.dim() == 2]
+    assert cnt.tolist() == [32, 0, 32, 0, 6] and len(parts) == 3
+    for part in parts:
+        assert part.shape == (5, cfg["oc"])
+        assert part[cnt > 0].isfinite().all() and part[cnt == 0].isnan().all()
+
+
+@pytest.mark.usefixtures("_poisoned")
+def test_stats_bfloat16_and_deterministic():
+    """bf16 (the interpreter truncates the fp32 -> bf16 cast: the statistics are still those
+    of the stored y, and _tolerance_factor's bound covers y), and a rerun gives identical bits."""
+    (cfg,) = STATS_CASES[1].values
+    t, y, mean, var = _check_stats(cfg, torch.bfloat16)
+    out = torch.empty_like(y)
+    y2, mean2, var2 = _run_stats(t, cfg, out)
+    assert torch.equal(y2, y) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
+@pytest.mark.usefixtures("_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_stats_large_mean(dtype):
+    """y ~ 1e3*(1 + c/OC) + N(0, 1): the variance keeps ~1e-4 relative accuracy (a naive fp32
+    E[y^2] - E[y]^2 cancels ~1e6 against ~1e6 and loses ~0.1 absolute). Input channel 0
+    goes through the prologue as the constant 1 (scale 0, shift 1) and carries the mean.
+    In fp16 (an ulp of 0.5 at 1e3) this also shows that the statistics are those of the
+    rounded, stored y: those of the fp32 accumulator differ by ~ulp^2/12 = 2% of the variance."""
+    n, c, oc, h, w = 4, 16, 20, 9, 13
+    x = torch.randn(n, c, h, w)
+    weight = torch.randn(oc, c, 1, 1) / math.sqrt(c - 1)
+    weight[:, 0] = 1e3 * (1 + torch.arange(oc) / oc).view(oc, 1, 1)
+    scale, shift = torch.ones(c), torch.zeros(c)
+    scale[0], shift[0] = 0.0, 1.0
+    y_ref, mean_ref, var_ref = reference.conv_bn_stats(x.double(), weight.double(), scale.double(), shift.double(),
+                                                       False, [1, 1], [0, 0], [1, 1], 1)
+    assert (mean_ref >= 990).all() and ((var_ref > 0.2) & (var_ref < 3)).all()  # 1e3 + N(0, ~1)
+    y, mean, var = tconv.conv_bias_act(x.to(DEVICE, dtype), weight.to(DEVICE, dtype), in_scale=scale.to(DEVICE),
+                                       in_shift=shift.to(DEVICE), stats=True)
+    mean_y, var_y, bm, bv, _ = _stats_bounds(y.double())
+    _assert_within("mean vs stats of stored y", mean, mean_y, bm)
+    _assert_within("var vs stats of stored y", var, var_y, bv)
+    _assert_within("var vs stats of stored y, relative", var, var_y, 1e-4 * var_y)
+    if dtype == torch.float32:
+        _assert_within("mean vs reference", mean, mean_ref, 1e-6 * mean_ref.abs())
+        _assert_within("var vs reference, relative", var, var_ref, 1e-4 * var_ref)
+
+
+@pytest.mark.usefixtures("_poisoned")
+def test_stats_nan_and_empty_batch():
+    # A NaN input pixel poisons the 3x3 neighbourhood of its group's output channels only.
+    x = torch.randn(2, 16, 5, 7, device=DEVICE)
+    x[1, 5, 2, 3] = float("nan")  # group 1 of 4
+    w = torch.randn(16, 4, 3, 3, device=DEVICE)
+    y, mean, var = tconv.conv_bias_act(x, w, padding=1, groups=4, stats=True)
+    _, mean_ref, var_ref = reference.conv_bn_stats(x.double(), w.double(), None, None, False, [1, 1], [1, 1],
+                                                   [1, 1], 4)
+    assert torch.equal(mean.isnan(), mean_ref.isnan()) and torch.equal(var.isnan(), var_ref.isnan())
+    assert mean.isnan().sum() == 4 and torch.equal(var.isnan(), mean.isnan())
+    # No pixels: the mean of nothing, as torch.mean.
+    y, mean, var = tconv.conv_bias_act(torch.randn(0, 16, 5, 7, device=DEVICE), w, padding=1, groups=4, stats=True)
+    assert y.shape == (0, 16, 5, 7) and mean.isnan().all() and var.isnan().all() and mean.shape == (16,)
 
 
 # ---------------------------------------------------------------------------------------

@@ -162,15 +162,15 @@ class TritonBackend(Backend):
         return out
 
     def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation, groups):
-        """The train-mode conv: the implicit-GEMM kernel applying the previous BN + ReLU in its
-        prologue, then the batch statistics of its output (a separate pass for now)."""
+        """The train-mode conv in one kernel: the previous BN + ReLU in its prologue, the
+        per-channel statistics of its (rounded) output in its epilogue, then a tiny combine."""
         from fusedres.triton import conv as tconv
 
-        y = _on_device(x, tconv.conv_bias_act, x, weight, None, None, None, None, list(stride), list(padding),
-                       list(dilation), groups, (1, 1), False, in_scale, in_shift, prologue_relu)
+        conv_with_stats = functools.partial(tconv.conv_bias_act, stats=True)
+        y, mean, var = _on_device(x, conv_with_stats, x, weight, None, None, None, None, list(stride), list(padding),
+                                  list(dilation), groups, (1, 1), False, in_scale, in_shift, prologue_relu)
         if reference.conv_output_memory_format(x, weight) != torch.channels_last:
             y = y.contiguous()
-        mean, var = self.bn_stats(y)
         return y, mean, var
 
     # Train-mode BatchNorm. The forward kernels run inside the public (opaque) ops; the

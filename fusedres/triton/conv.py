@@ -25,6 +25,20 @@ a group. Each program runs one K loop with two variants (a constexpr):
 A projection shortcut adds a second K loop over shortcut_x's channels (1x1, groups=1,
 stride shortcut_stride) into the same fp32 accumulator, so its output is never written.
 The epilogue (bias, residual, ReLU, cast) runs in fp32. Global offsets are int64.
+
+Batch statistics (`stats=True`, the cuDNN "genstats" scheme; no bias/residual/shortcut/ReLU):
+the epilogue rounds its tile to the output dtype and back (the statistics are those of
+the stored y, as `reference.conv_bn_stats` computes them) and reduces its valid rows per
+channel with the corrected two-pass algorithm `fusedres.triton.bn` uses: m0 = sum(y)/n,
+d = y - m0, tile mean = m0 + sum(d)/n kept as the pair (m0, sum(d)/n), M2 = sum(d^2) -
+sum(d)^2/n. The launcher cannot know the autotuner's BLOCK_M before the launch, so the
+[rows, OC] partial buffers have one row per STATS_TILE_M (the smallest BLOCK_M of any
+config) output pixels: the program for M tile i (BLOCK_M = k * STATS_TILE_M) writes row
+i*k, and the per-row count buffer holds its number of valid pixels there and 0 in rows
+i*k+1 .. i*k+k-1 (written only by the programs of N tile 0). A second kernel merges the
+rows with a nonzero count in a fixed order, in fp64 (Chan et al.'s parallel formula in
+its two-pass form): mean = sum(n_i*mean_i)/M, var = sum(M2_i + n_i*(mean_i - mean)^2)/M.
+No atomics: for one config the result is deterministic.
 """
 
 from __future__ import annotations
@@ -60,11 +74,21 @@ _GPU_CONFIGS = [
 # The interpreter runs every program in Python: one small config, nothing to tune.
 _CONFIGS = [_config(32, 16, 16, 4, 1)] if _INTERPRET else _GPU_CONFIGS
 
+# Rows of the statistics partial buffers: one per this many output pixels (every config's
+# BLOCK_M is a multiple of it; see the module docstring).
+_STATS_TILE_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
+_STATS_COMBINE = (16, 16) if _INTERPRET else (64, 64)  # BLOCK_P, BLOCK_C of the combine kernel
+
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config's pipeline may use (H100 has 227 KiB)
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _empty(*args, **kwargs) -> torch.Tensor:
+    """The statistics buffers the launcher allocates (tests poison them with NaN)."""
+    return torch.empty(*args, **kwargs)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -97,11 +121,12 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "OC", "OCg", "Cg", "K_TOTAL", "Cs"],
+@triton.autotune(configs=_CONFIGS, key=["M", "OC", "OCg", "Cg", "K_TOTAL", "Cs", "STATS"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, sx_ptr, sw_ptr, scale_ptr, shift_ptr, out_ptr,
+    cnt_ptr, m0_ptr, dm_ptr, m2_ptr, P_ROWS,
     M, H, W, C, P, Q, OC, Cg, OCg, K_TOTAL,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     Hs, Ws, Cs, sstride_h, sstride_w,
@@ -109,6 +134,7 @@ def _conv_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, RELU: tl.constexpr,
     FLAT_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STATS: tl.constexpr, STATS_TILE_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -192,7 +218,69 @@ def _conv_kernel(
         acc += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, y, mask=out_mask)
+
+    if STATS:
+        # Per-channel partials of the stored (rounded) y over this tile's valid rows.
+        tl.static_assert(BLOCK_M % STATS_TILE_M == 0)
+        n_valid = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M)  # >= 1
+        nf = n_valid.to(tl.float32)
+        yv = tl.where(mask_m[:, None], y.to(tl.float32), 0.0)
+        m0 = tl.sum(yv, axis=0) / nf
+        d = tl.where(mask_m[:, None], yv - m0[None, :], 0.0)
+        sd = tl.sum(d, axis=0)
+        sd2 = tl.sum(d * d, axis=0)
+        # An infinite m0 makes every d infinite or NaN: keep the mean at m0 and let M2 be
+        # NaN (as the reference's variance is). A NaN m0 gives NaN mean and M2.
+        dm = tl.where(tl.abs(m0) < float("inf"), sd / nf, 0.0)
+        m2 = sd2 - sd * dm  # sum(d^2) - sum(d)^2 / n
+        row = pid_m.to(tl.int64) * (BLOCK_M // STATS_TILE_M)  # this tile's first partial row
+        p_offs = row * OC + offs_oc  # columns of this group / N tile at their global channel
+        tl.store(m0_ptr + p_offs, m0, mask=mask_n)
+        tl.store(dm_ptr + p_offs, dm, mask=mask_n)
+        tl.store(m2_ptr + p_offs, m2, mask=mask_n)
+        if pid_n == 0:
+            sub = tl.arange(0, BLOCK_M // STATS_TILE_M)  # the tile's partial rows
+            cnt = tl.where(sub == 0, n_valid, 0).to(tl.int32)
+            tl.store(cnt_ptr + row + sub, cnt, mask=row + sub < P_ROWS)
+
+
+@triton.jit
+def _stats_combine_kernel(cnt_ptr, m0_ptr, dm_ptr, m2_ptr, mean_ptr, var_ptr, M, C, P,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel mean and biased variance from the [P, C] tile partials (rows with a zero
+    count are unused and never read), in fp64, rows merged in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    total = tl.zeros((BLOCK_C,), dtype=tl.float64) + M
+    # Pass 1: the mean, sum(n_i * mean_i) / M.
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
+        mask = (n > 0)[:, None] & mask_c[None, :]
+        offs = ps[:, None] * C + cols[None, :]
+        mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+                  + tl.load(dm_ptr + offs, mask=mask, other=0.0).to(tl.float64))
+        acc += tl.sum(tl.where(mask, n[:, None] * mean_i, 0.0), axis=0)
+    mean = acc / total
+    # Pass 2: M2 = sum(M2_i + n_i * (mean_i - mean)^2).
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
+        mask = (n > 0)[:, None] & mask_c[None, :]
+        offs = ps[:, None] * C + cols[None, :]
+        mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+                  + tl.load(dm_ptr + offs, mask=mask, other=0.0).to(tl.float64))
+        dev = mean_i - mean[None, :]
+        m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        acc += tl.sum(tl.where(mask, m2 + n[:, None] * dev * dev, 0.0), axis=0)
+    var = acc / total
+    var = tl.where(var < 0, 0.0, var)  # rounding can leave -tiny for a constant channel; keeps NaN
+    tl.store(mean_ptr + cols, mean.to(tl.float32), mask=mask_c)
+    tl.store(var_ptr + cols, var.to(tl.float32), mask=mask_c)
 
 
 def _pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
@@ -234,7 +322,8 @@ def conv_bias_act(
     prologue_relu: bool = False,
     out: torch.Tensor | None = None,
     wrap_kernel: Callable[[Any], Any] | None = None,
-) -> torch.Tensor:
+    stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """act(conv2d(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) in one kernel.
 
     P(x) = relu?(x * in_scale + in_shift) per input channel when `in_scale`/`in_shift` are
@@ -245,10 +334,23 @@ def conv_bias_act(
     channels_last (N, OC, P, Q) tensor in x's dtype, or writes into `out` (channels_last,
     same shape/dtype, aliasing no input: autotuning may run the kernel several times).
 
-    `wrap_kernel` is applied to the (autotuned) kernel before the launch:
+    With `stats=True` (no bias, residual, shortcut or relu allowed) returns `(out, mean, var)`:
+    y = conv2d(P(x), weight) and its per-channel mean and biased variance over (N, P, Q),
+    fp32 of shape (OC,), computed in the conv's epilogue from y as stored (rounded to x's
+    dtype), like `fusedres.reference.conv_bn_stats`; NaN for an empty batch.
+
+    `wrap_kernel` is applied to each (autotuned) kernel before its launch:
     `torch.library.wrap_triton` inside a `torch.library.triton_op`, so that torch.compile
     sees the launch (see `fusedres.triton.ops`).
     """
+    if stats:
+        given = [name for name, t in (("bias", bias), ("residual", residual), ("shortcut_x", shortcut_x),
+                                      ("shortcut_weight", shortcut_weight)) if t is not None]
+        if relu:
+            given.append("relu")
+        if given:
+            raise ValueError(f"stats=True computes the statistics of the plain conv output: {', '.join(given)} "
+                             f"cannot be fused with it")
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv_bias_act expects a 4-D x (N, C, H, W) and a 4-D weight (OC, C/groups, KH, KW), "
                          f"got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}")
@@ -320,8 +422,14 @@ def conv_bias_act(
                          f"got shape {tuple(out.shape)} and strides {out.stride()}")
 
     m = n * p_out * q_out
+    if stats:
+        mean = _empty(oc, dtype=torch.float32, device=x.device)
+        var = _empty(oc, dtype=torch.float32, device=x.device)
+        if m == 0:
+            mean.fill_(float("nan"))  # the mean of nothing, as torch.mean
+            var.fill_(float("nan"))
     if m == 0 or oc == 0:
-        return out
+        return (out, mean, var) if stats else out
 
     cl = torch.channels_last
     x = x.contiguous(memory_format=cl)
@@ -343,12 +451,21 @@ def conv_bias_act(
     else:
         precision = "ieee"
 
+    # Statistics partials: one row per _STATS_TILE_M output pixels (see the module docstring).
+    p_rows = triton.cdiv(m, _STATS_TILE_M) if stats else 0
+    if stats:
+        cnt_t = _empty(p_rows, dtype=torch.int32, device=x.device)
+        m0_t, dm_t, m2_t = (_empty((p_rows, oc), dtype=torch.float32, device=x.device) for _ in range(3))
+    else:
+        cnt_t = m0_t = dm_t = m2_t = x
+
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(ocg, meta["BLOCK_N"]))
 
     kernel = _conv_kernel if wrap_kernel is None else wrap_kernel(_conv_kernel)
     kernel[grid](
         x, w_k, bias_t, res_t, sx_t, sw_t, scale_t, shift_t, out,
+        cnt_t, m0_t, dm_t, m2_t, p_rows,
         m, h_in, w_in, c_in, p_out, q_out, oc, cg, ocg, kh * kw * cg,
         st_h, st_w, ph, pw, dh, dw,
         hs, ws, cs, ssh, ssw,
@@ -356,5 +473,13 @@ def conv_bias_act(
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SHORTCUT=shortcut_x is not None,
         HAS_PROLOGUE=in_scale is not None, PROLOGUE_RELU=prologue_relu, RELU=relu,
         FLAT_K=cg % 16 != 0, UPCAST=_INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+        STATS=stats, STATS_TILE_M=_STATS_TILE_M,
     )
-    return out
+    if not stats:
+        return out
+    block_p, block_c = _STATS_COMBINE
+    block_c = min(block_c, _pow2_at_least(oc))
+    combine = _stats_combine_kernel if wrap_kernel is None else wrap_kernel(_stats_combine_kernel)
+    combine[(triton.cdiv(oc, block_c),)](cnt_t, m0_t, dm_t, m2_t, mean, var, m, oc, p_rows,
+                                         BLOCK_P=block_p, BLOCK_C=block_c)
+    return out, mean, var
