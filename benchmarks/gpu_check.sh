@@ -50,7 +50,9 @@ fi
 if [ "$GPU" = 1 ]; then
     export FUSEDRES_CACHE_DIR="$OUT/dispatch-cache"
     # 3. GPU tests (every test marked gpu).
-    stage gpu_tests "${CAP_TESTS:-90}" $PY -m pytest -q -m gpu tests -p no:cacheprovider -rs
+    # One Triton config per kernel here (correctness, not speed): far fewer compilations.
+    FUSEDRES_TRITON_AUTOTUNE=0 stage gpu_tests "${CAP_TESTS:-90}" $PY -m pytest -q -m gpu tests \
+        -p no:cacheprovider -rs --maxfail=10 --durations=10
     # 4. The CLI: ResNet-50, batch 256, bf16, channels_last; inference, then training.
     stage cli_inference "${CAP_INFER:-130}" $PY -m fusedres.bench --mode inference \
         --skip compile_max_autotune --out-dir "$OUT" --name cli-inference --no-progress

@@ -72,7 +72,14 @@ _GPU_CONFIGS = [
     _config(64, 16, 64, 4, 3),
 ]
 # The interpreter runs every program in Python: one small config, nothing to tune.
-_CONFIGS = [_config(32, 16, 16, 4, 1)] if _INTERPRET else _GPU_CONFIGS
+# FUSEDRES_TRITON_AUTOTUNE=0 keeps one GPU config too: correctness runs (the GPU tests)
+# then compile each kernel variant once instead of once per config.
+if _INTERPRET:
+    _CONFIGS = [_config(32, 16, 16, 4, 1)]
+elif os.environ.get("FUSEDRES_TRITON_AUTOTUNE", "1") == "0":
+    _CONFIGS = [_config(64, 64, 32, 4, 3)]
+else:
+    _CONFIGS = _GPU_CONFIGS
 
 # Rows of the statistics partial buffers: one per this many output pixels (every config's
 # BLOCK_M is a multiple of it; see the module docstring).
