@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_train_parity, narrow_resnet, randomize_bn
+from helpers import assert_close_scaled, assert_train_parity, narrow_resnet, randomize_bn
 from torchvision.models import resnet as tv_resnet
 
 import fusedres
@@ -156,3 +156,47 @@ def test_short_training_run_tracks_eager(backend):
     eager_error = (eager - ref64).abs()
     error = (fused - ref64).abs()
     assert torch.all(error <= 2 * eager_error + 1e-5 * ref64.abs()), (fused, eager, ref64)
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_triton_conv_backward_kernels_in_training(monkeypatch, downsample):
+    """FUSEDRES_TRITON_CONV_BACKWARD=triton: the train-mode convs' dgrad and wgrad run the
+    Triton kernels; one SGD step's gradients match torchvision in float64 (fp32 kernels:
+    1e-4 of each tensor's max is ~100x the observed fp32 error, while a wrong index or a
+    missing tap is O(1))."""
+    from fusedres.backends import triton_backend
+    from fusedres.triton import conv_backward as tcb
+
+    monkeypatch.setattr(triton_backend, "CONV_BACKWARD", "triton")
+    calls = []
+    for name in ("conv_dgrad", "conv_wgrad"):
+        real = getattr(tcb, name)
+        monkeypatch.setattr(tcb, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    kwargs = {"inplanes": 16, "planes": 4}
+    if downsample:
+        kwargs = {"inplanes": 8, "planes": 4, "stride": 2,
+                  "downsample": torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False),
+                                                    torch.nn.BatchNorm2d(16))}
+    ref = randomize_bn(tv_resnet.Bottleneck(**kwargs)).train()
+    fused = fusedres.convert(ref, backend="triton")
+    ref64 = copy.deepcopy(ref).double()
+    x = torch.randn(2, kwargs["inplanes"], 7, 5)
+    x64 = x.double().requires_grad_(True)
+    x = x.requires_grad_(True)
+    fused(x).square().sum().backward()
+    ref64(x64).square().sum().backward()
+    convs = 3 + downsample
+    assert calls.count("conv_wgrad") == convs and calls.count("conv_dgrad") >= convs - 1
+    assert_close_scaled(x.grad.double(), x64.grad, 1e-4, "input grad")
+    for (name, p), p64 in zip(fused.named_parameters(), ref64.parameters()):
+        assert_close_scaled(p.grad.double(), p64.grad, 1e-4, name)
+
+
+@pytest.mark.gpu
+def test_triton_conv_backward_is_measured_per_shape_on_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path))
+    block = randomize_bn(fusedres.Bottleneck(64, 16, backend="triton")).cuda().train()
+    x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
+    block(x).sum().backward()
+    files = list((tmp_path / "dispatch").glob("conv_backward-*.json"))
+    assert files, "the conv backward choice was not measured and cached"

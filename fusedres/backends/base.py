@@ -47,6 +47,15 @@ class Backend:
         return reference.conv_bn_stats(x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
                                        groups)
 
+    def conv_backward(self, grad: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, need_input: bool,
+                      need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(grad wrt the conv input a, grad wrt weight) of conv2d(a, weight); this default is
+        ATen's convolution_backward (cuDNN on a GPU)."""
+        grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_input, need_weight, False])
+        return grad_a, grad_w
+
     # The elementwise parts of conv_bn_stats' backward (fusedres.ops.conv_train); the conv
     # backward itself runs through ATen's convolution_backward between them.
 

@@ -23,12 +23,14 @@ Triton is imported on first use, so `auto` on a CPU never imports it.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
 from fusedres import reference
+from fusedres.backends import tuning
 from fusedres.backends.base import Backend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -117,6 +119,43 @@ def _kernel_ok(main: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return all(t.is_cuda or (t.device.type == "cpu" and _interpreting()) for t in tensors)
 
 
+# Who computes the conv backward of train-mode convs on this backend: "auto" (on CUDA the
+# faster of ATen/cuDNN and the Triton dgrad/wgrad kernels, measured once per shape by the
+# never-slower tuner; ATen elsewhere and while tracing), or "aten" / "triton" to force one.
+CONV_BACKWARD = os.environ.get("FUSEDRES_TRITON_CONV_BACKWARD", "auto")
+
+
+class _AtenConvBackward:
+    name = "aten"
+
+    def conv_backward(self, *args):
+        return Backend.conv_backward(self, *args)
+
+
+class _TritonConvBackward:
+    name = "triton"
+
+    def conv_backward(self, grad, a, weight, stride, padding, dilation, groups, need_input, need_weight):
+        from fusedres.triton import conv_backward as tcb
+
+        grad_a = grad_w = None
+        if need_input:
+            grad_a = tcb.conv_dgrad(grad, weight, a.shape, stride, padding, dilation, groups)
+        if need_weight:
+            grad_w = tcb.conv_wgrad(grad, a, weight.shape, stride, padding, dilation, groups, out_dtype=weight.dtype)
+        return grad_a, grad_w
+
+
+_CONV_BACKWARDS = {"aten": _AtenConvBackward(), "triton": _TritonConvBackward()}
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return isinstance(t, FakeTensor) or (is_compiling is not None and is_compiling())
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -172,6 +211,18 @@ class TritonBackend(Backend):
         if reference.conv_output_memory_format(x, weight) != torch.channels_last:
             y = y.contiguous()
         return y, mean, var
+
+    def conv_backward(self, grad, a, weight, stride, padding, dilation, groups, need_input, need_weight):
+        args = (grad, a, weight, list(stride), list(padding), list(dilation), groups, need_input, need_weight)
+        mode = CONV_BACKWARD
+        if mode not in _CONV_BACKWARDS:  # "auto"
+            mode = "aten"
+            if grad.is_cuda and grad.dtype == a.dtype == weight.dtype and not _tracing(grad) \
+                    and tuning.wants_tuning("cuda"):
+                return tuning.TUNER.choose("conv_backward", list(_CONV_BACKWARDS.values()), args).conv_backward(*args)
+        if mode == "triton" and _tracing(grad):
+            mode = "aten"  # Triton launches cannot take fake tensors
+        return _on_device(grad, _CONV_BACKWARDS[mode].conv_backward, *args)
 
     # Train-mode BatchNorm. The forward kernels run inside the public (opaque) ops; the
     # backward ones through their own custom ops (see fusedres.triton.ops).

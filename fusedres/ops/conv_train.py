@@ -7,7 +7,9 @@ applies the previous BatchNorm while the conv loads its input. Semantics:
 Backward saves only x, the weight, the raw conv output y and the mean (no normalised
 activation): the statistics' gradient is folded into dy, the prologue is recomputed for
 the weight gradient (one cheap elementwise pass), its ReLU mask comes from the recomputed
-pre-activation, and dgrad/wgrad run through ATen's convolution_backward.
+pre-activation, and dgrad/wgrad run through the backend's `conv_backward` (ATen's
+convolution_backward, or on the triton backend the faster of it and the Triton kernels,
+measured per shape on a GPU).
 """
 
 from typing import Optional
@@ -69,8 +71,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     has_prologue = in_scale is not None
     a = impl.prologue(x, in_scale, in_shift, ctx.prologue_relu) if has_prologue else x
     want_input = needs[0] or (has_prologue and (needs[2] or needs[3]))
-    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
-        g, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [want_input, needs[1], False])
+    grad_a, grad_w = impl.conv_backward(g, a, weight, stride, padding, dilation, groups, want_input, needs[1])
     grad_x = grad_scale = grad_shift = None
     if grad_a is not None and not has_prologue:
         grad_x = grad_a
