@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fusedres import reference
-from fusedres.triton.conv import _INTERPRET
+from fusedres.triton.conv import _INTERPRET, _stats_combine_kernel
 
 _CL = torch.channels_last
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -97,41 +97,6 @@ def _stats_partial_kernel(y_ptr, m0_ptr, dm_ptr, m2_ptr, M, C,
     tl.store(m0_ptr + out, m0, mask=mask_c)
     tl.store(dm_ptr + out, dm, mask=mask_c)
     tl.store(m2_ptr + out, m2, mask=mask_c)
-
-
-@triton.jit
-def _stats_combine_kernel(m0_ptr, dm_ptr, m2_ptr, mean_ptr, var_ptr, M, C, P,
-                          TILE_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    total = tl.zeros((BLOCK_C,), dtype=tl.float64) + M
-    # Pass 1: the mean, sum(n_i * mean_i) / M.
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        mask = (ps < P)[:, None] & mask_c[None, :]
-        offs = ps[:, None] * C + cols[None, :]
-        n = tl.minimum(M - ps * TILE_M, TILE_M).to(tl.float64)
-        mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-                  + tl.load(dm_ptr + offs, mask=mask, other=0.0).to(tl.float64))
-        acc += tl.sum(tl.where(mask, n[:, None] * mean_i, 0.0), axis=0)
-    mean = acc / total
-    # Pass 2: M2 = sum(M2_i + n_i * (mean_i - mean)^2).
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        mask = (ps < P)[:, None] & mask_c[None, :]
-        offs = ps[:, None] * C + cols[None, :]
-        n = tl.minimum(M - ps * TILE_M, TILE_M).to(tl.float64)
-        mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-                  + tl.load(dm_ptr + offs, mask=mask, other=0.0).to(tl.float64))
-        dev = mean_i - mean[None, :]
-        m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        acc += tl.sum(tl.where(mask, m2 + n[:, None] * dev * dev, 0.0), axis=0)
-    var = acc / total
-    var = tl.where(var < 0, 0.0, var)  # rounding can leave -tiny for a constant channel; keeps NaN
-    tl.store(mean_ptr + cols, mean.to(tl.float32), mask=mask_c)
-    tl.store(var_ptr + cols, var.to(tl.float32), mask=mask_c)
 
 
 @triton.jit
@@ -305,8 +270,10 @@ def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _rows(y), m0, dm, m2, m, c, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     block_p, block_cc = _COMBINE
     block_cc = min(block_cc, _pow2_at_least(c))
+    # The combine is shared with the conv kernel's statistics epilogue; here every partial
+    # row holds block_m values (the last one fewer), so no count buffer (m0 stands in).
     _stats_combine_kernel[(triton.cdiv(c, block_cc),)](
-        m0, dm, m2, mean, var, m, c, p, TILE_M=block_m, BLOCK_P=block_p, BLOCK_C=block_cc)
+        m0, m0, dm, m2, mean, var, m, c, p, TILE_M=block_m, HAS_COUNT=False, BLOCK_P=block_p, BLOCK_C=block_cc)
     return mean, var
 
 

@@ -255,9 +255,12 @@ def _conv_kernel(
 
 @triton.jit
 def _stats_combine_kernel(cnt_ptr, m0_ptr, dm_ptr, m2_ptr, mean_ptr, var_ptr, M, C, P,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          TILE_M: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
     """Per-channel mean and biased variance from the [P, C] tile partials (rows with a zero
-    count are unused and never read), in fp64, rows merged in a fixed order."""
+    count are unused and never read), in fp64, rows merged in a fixed order. Row counts come
+    from `cnt_ptr` (HAS_COUNT: this file's stats epilogue) or are TILE_M rows per partial,
+    the last one shorter (fusedres.triton.bn.bn_stats)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
     total = tl.zeros((BLOCK_C,), dtype=tl.float64) + M
@@ -265,7 +268,10 @@ def _stats_combine_kernel(cnt_ptr, m0_ptr, dm_ptr, m2_ptr, mean_ptr, var_ptr, M,
     acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
+        if HAS_COUNT:
+            n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
+        else:
+            n = tl.where(ps < P, tl.minimum(M - ps * TILE_M, TILE_M), 0).to(tl.float64)
         mask = (n > 0)[:, None] & mask_c[None, :]
         offs = ps[:, None] * C + cols[None, :]
         mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
@@ -276,7 +282,10 @@ def _stats_combine_kernel(cnt_ptr, m0_ptr, dm_ptr, m2_ptr, mean_ptr, var_ptr, M,
     acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
+        if HAS_COUNT:
+            n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
+        else:
+            n = tl.where(ps < P, tl.minimum(M - ps * TILE_M, TILE_M), 0).to(tl.float64)
         mask = (n > 0)[:, None] & mask_c[None, :]
         offs = ps[:, None] * C + cols[None, :]
         mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
@@ -488,5 +497,5 @@ def conv_bias_act(
     block_c = min(block_c, _pow2_at_least(oc))
     combine = _stats_combine_kernel if wrap_kernel is None else wrap_kernel(_stats_combine_kernel)
     combine[(triton.cdiv(oc, block_c),)](cnt_t, m0_t, dm_t, m2_t, mean, var, m, oc, p_rows,
-                                         BLOCK_P=block_p, BLOCK_C=block_c)
+                                         TILE_M=_STATS_TILE_M, HAS_COUNT=True, BLOCK_P=block_p, BLOCK_C=block_c)
     return out, mean, var
