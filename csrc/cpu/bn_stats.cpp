@@ -1,0 +1,131 @@
+// CPU kernels: batch statistics, their finalize step and the running-statistics update.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/loops.h"
+
+namespace fusedres {
+namespace cpu {
+namespace {
+
+// Shifted sums: with K_c = the channel's first element, s1 = sum(y - K), s2 = sum((y - K)^2)
+// in double, then mean = K + s1/n and var = s2/n - (s1/n)^2. Shifting by a sample of the
+// channel keeps the subtraction from cancelling when the mean is much larger than the
+// spread (where E[y^2] - E[y]^2 would); chunked double sums keep large N*H*W safe.
+template <typename scalar_t>
+void bn_stats_kernel(const Activation& a, at::Tensor& mean, at::Tensor& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Layout& L = a.layout;
+  const int64_t C = L.channels;
+  const scalar_t* y = a.t.data_ptr<scalar_t>();
+  std::vector<double> shift(static_cast<size_t>(C), 0.0);
+  if (L.numel() > 0)
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(y[c * L.inner]);
+  const double* k = shift.data();
+  const auto sums = channel_sums<2>(L, [&](double* partial, int64_t begin, int64_t end) {
+    double* s1 = partial;
+    double* s2 = partial + C;
+    for_each_run(L, begin, end, [&](auto step, int64_t i0, int64_t len, int64_t c0) {
+      if constexpr (decltype(step)::value == 1) {
+        for (int64_t j = 0; j < len; ++j) {
+          const double d = static_cast<double>(y[i0 + j]) - k[c0 + j];
+          s1[c0 + j] += d;
+          s2[c0 + j] += d * d;
+        }
+      } else {
+        double t1 = 0, t2 = 0;
+        for (int64_t j = 0; j < len; ++j) {
+          const double d = static_cast<double>(y[i0 + j]) - k[c0];
+          t1 += d;
+          t2 += d * d;
+        }
+        s1[c0] += t1;
+        s2[c0] += t2;
+      }
+    });
+  });
+  const double n = static_cast<double>(L.outer * L.inner);
+  auto* m = mean.data_ptr<acc_t>();
+  auto* v = var.data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = sums[c] / n;  // NaN for an empty batch, as torch.mean gives
+    m[c] = static_cast<acc_t>(k[c] + d);
+    v[c] = static_cast<acc_t>(std::max(sums[C + c] / n - d * d, 0.0));
+    if (std::isnan(d)) v[c] = std::numeric_limits<acc_t>::quiet_NaN();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
+  const Activation a = prepare_activation(y, std::nullopt, "ext_bn_stats", "y");
+  auto opts = a.t.options().dtype(a.acc);
+  at::Tensor mean = at::empty({a.layout.channels}, opts), var = at::empty({a.layout.channels}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.t.scalar_type(), "ext_bn_stats",
+                                  [&] { bn_stats_kernel<scalar_t>(a, mean, var); });
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& mean, const at::Tensor& var,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias, double eps) {
+  const char* op = "ext_bn_finalize";
+  check_stats(mean, var, op);
+  const int64_t C = mean.numel();
+  const auto acc = mean.scalar_type();
+  const auto w = per_channel(weight, C, acc, mean.device(), op, "weight");
+  const auto b = per_channel(bias, C, acc, mean.device(), op, "bias");
+  at::Tensor scale = at::empty({C}, mean.options()), shift = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "ext_bn_finalize", [&] {
+    const at::Tensor m_t = mean.contiguous(), v_t = var.contiguous();
+    const scalar_t* m = m_t.data_ptr<scalar_t>();
+    const scalar_t* v = v_t.data_ptr<scalar_t>();
+    const scalar_t* wp = w ? w->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = b ? b->data_ptr<scalar_t>() : nullptr;
+    scalar_t* s = scale.data_ptr<scalar_t>();
+    scalar_t* t = shift.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t sc = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
+      if (wp) sc *= wp[c];
+      s[c] = sc;
+      t[c] = (bp ? bp[c] : scalar_t(0)) - m[c] * sc;
+    }
+  });
+  return {scale, shift};
+}
+
+void bn_update_running_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const at::Tensor& num_batches_tracked, const at::Tensor& mean, const at::Tensor& var,
+                                 std::optional<double> momentum, int64_t count) {
+  const RunningStatsArgs a = prepare_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count);
+  int64_t* tracked = num_batches_tracked.data_ptr<int64_t>();
+  *tracked += 1;
+  AT_DISPATCH_FLOATING_TYPES(a.mean.scalar_type(), "ext_bn_update_running_stats", [&] {
+    using acc_t = scalar_t;
+    const acc_t f = momentum.has_value() ? static_cast<acc_t>(*momentum) : acc_t(1) / static_cast<acc_t>(*tracked);
+    const acc_t unbias = static_cast<acc_t>(count) / static_cast<acc_t>(count - 1);
+    const acc_t* m = a.mean.data_ptr<acc_t>();
+    const acc_t* v = a.var.data_ptr<acc_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "running_stats", [&] {
+      scalar_t* rm = running_mean.data_ptr<scalar_t>();
+      scalar_t* rv = running_var.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < a.mean.numel(); ++c) {
+        rm[c] = static_cast<scalar_t>((acc_t(1) - f) * static_cast<acc_t>(rm[c]) + f * m[c]);
+        rv[c] = static_cast<scalar_t>((acc_t(1) - f) * static_cast<acc_t>(rv[c]) + f * v[c] * unbias);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("ext_bn_stats", &cpu::bn_stats_cpu);
+  m.impl("ext_bn_finalize", &cpu::bn_finalize_cpu);
+  m.impl("ext_bn_update_running_stats", &cpu::bn_update_running_stats_cpu);
+}
+
+}  // namespace fusedres
