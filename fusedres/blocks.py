@@ -218,7 +218,7 @@ class FusedBlockMixin:
                                          backend)
         count = y.numel() // y.shape[1]
         check_count(count, tuple(y.shape), f"{self.describe()}: ")
-        return y, *scale_bias_from_stats(mean, var, count, bn)
+        return y, *scale_bias_from_stats(mean, var, count, bn, backend)
 
     def _train_chain(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
         y, scale, shift = x, None, None

@@ -8,6 +8,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# CI builds the C++/CUDA extension and sets FUSEDRES_REQUIRE_EXT=1: a build that did not
+# happen must fail the run, not skip the extension's tests.
+if os.environ.get("FUSEDRES_REQUIRE_EXT") == "1":
+    from fusedres import ext
+
+    if ext.load_error():
+        raise RuntimeError(f"FUSEDRES_REQUIRE_EXT=1 but {ext.load_error()}")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -17,6 +17,9 @@ class Backend:
     """One way to run the fusedres ops. Subclasses implement the ops they support."""
 
     name: str = ""
+    # Whether scale_bias_act_with_mask returns a 1-bit ReLU mask for the backward (else the
+    # backward reads the saved output).
+    relu_mask: bool = False
 
     def device_types(self) -> tuple[str, ...]:
         """Device types this backend targets; `auto` skips it silently elsewhere."""
@@ -40,6 +43,42 @@ class Backend:
 
     def scale_bias_act(self, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError(f"the {self.name} backend does not implement scale_bias_act")
+
+    def scale_bias_act_with_mask(self, y, scale, bias, residual, residual_scale, residual_bias,
+                                 relu) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, mask): scale_bias_act's output and its packed ReLU mask (uint8, 1 bit per
+        element) when `relu_mask` is set; an empty mask otherwise."""
+        out = self.scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu)
+        return out, y.new_empty(0, dtype=torch.uint8)
+
+    def bn_finalize(self, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of a train-mode BatchNorm from its batch statistics: weight *
+        rsqrt(var + eps) and bias - mean * scale, in the statistics' dtype; differentiable."""
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight.to(scale.dtype)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(scale.dtype)
+        return scale, shift
+
+    def bn_update_running_stats(self, bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+                                count: int) -> None:
+        """nn.BatchNorm2d's update, in place: num_batches_tracked += 1, then (count > 0) the
+        running mean and unbiased running variance move by momentum, or by 1 /
+        num_batches_tracked when momentum is None (cumulative average)."""
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            if count == 0:
+                return  # nn.BatchNorm2d leaves the running statistics alone for an empty batch
+            if bn.momentum is None:
+                factor = 1.0 / bn.num_batches_tracked.to(torch.float64)
+            else:
+                factor = bn.momentum
+            unbiased_var = var * (count / (count - 1))
+            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased_var.to(bn.running_var.dtype) * factor)
 
     def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
                       groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,11 +161,12 @@ class Backend:
 
     def scale_bias_act_backward(self, grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor,
                                 scale: torch.Tensor, residual: torch.Tensor | None,
-                                residual_scale: torch.Tensor | None,
-                                needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+                                residual_scale: torch.Tensor | None, needs: Sequence[bool],
+                                mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
         """(dy, dscale, dbias, dresidual, dresidual_scale, dresidual_bias) of
         `reference.scale_bias_act`, given the saved forward output `out` when it applied
         ReLU (else None) and `needs`, which of its first six inputs want a gradient.
+        (Backends with `relu_mask` get their ReLU mask as `mask` instead of `out`.)
 
         g = grad masked where out <= 0 (a NaN output passes its gradient), in the
         accumulation dtype; dy = g*scale (y's dtype and memory format), dresidual = g, or
@@ -166,6 +206,27 @@ class Backend:
 
 def _channel_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, 1, 1)
+
+
+def bn_shape_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
+    """bn_stats's (y,) or scale_bias_act's (y, scale, bias, residual, residual_scale,
+    residual_bias): y 4-D, a residual of y's shape, one element per channel for the rest."""
+    y, *rest = tensors
+    if y.dim() != 4:
+        return [f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}"]
+    reasons = []
+    names = ("scale", "bias", "residual", "residual_scale", "residual_bias")
+    for name, t in zip(names, rest):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            reasons.append(f"{name} is {t.dtype}, not floating point")
+        elif name == "residual" and t.shape != y.shape:
+            reasons.append(f"residual has shape {tuple(t.shape)}, not y's {tuple(y.shape)} (the kernels do not "
+                           f"broadcast)")
+        elif name != "residual" and t.numel() != y.shape[1]:
+            reasons.append(f"{name} has {t.numel()} elements, not one per channel ({y.shape[1]})")
+    return reasons
 
 
 def device_reasons(backend: Backend, tensors: Sequence[torch.Tensor | None]) -> list[str]:

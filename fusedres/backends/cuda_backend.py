@@ -1,34 +1,128 @@
-"""The `cuda` backend: ops from the fusedres._C extension. Not implemented yet.
+"""The `cuda` backend: the C++/CUDA extension fusedres._C (csrc/).
 
-Registered so that `auto` knows its place and an explicit `backend="cuda"` fails with a
-clear reason (extension missing, or op not provided by it).
+Its kernels (CUDA on a GPU, C++ on the CPU; `fusedres.ext` loads them) do what the
+convolution libraries do not fuse: the batch statistics of a conv output and their finalize
+step (scale, shift, running statistics), the BatchNorm + ReLU applied to a conv input, the
+block tail relu(y*scale + bias + residual) with a 1-bit ReLU mask, and their backward. The
+convolutions themselves come from the platform library through ATen, as on the `torch`
+backend: cuDNN (with its fused conv+bias+add+ReLU in eval mode) on a GPU, oneDNN on the CPU.
+
+Train mode runs the same autograd structure as the triton backend (fusedres.ops): the
+chain of `conv_bn_stats` (prologue kernel, conv, statistics kernel) ending in one tail pass.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from fusedres.backends.base import Backend, device_reasons
+from fusedres import ext, reference
+from fusedres.backends.base import bn_shape_reasons
+from fusedres.backends.torch_backend import TorchBackend
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CONV_OPS = ("conv_bias_act",)  # the torch backend's fused library convolutions
+_KERNEL_OPS = ("conv_bn_stats", "bn_stats", "scale_bias_act", "bn_finalize")
+
+ext_ops = torch.ops.fusedres
+ext.load_error()  # load now, not first inside a torch.compile trace (registering fakes there breaks the graph)
 
 
-@functools.cache
-def _extension_built() -> bool:  # cached: `auto` asks on every GPU call
-    return importlib.util.find_spec("fusedres._C") is not None
-
-
-class CudaBackend(Backend):
+class CudaBackend(TorchBackend):
     name = "cuda"
+    relu_mask = True
 
     def device_types(self) -> tuple[str, ...]:
-        return ("cuda",)
+        return ("cuda", "cpu")
+
+    def targets(self, device_type: str) -> bool:
+        # On the CPU, `auto` considers this backend only where the extension was built: a
+        # pure-Python install runs the torch backend there without a warning.
+        return device_type == "cuda" or (device_type == "cpu" and ext.has_kernels("cpu"))
 
     def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
-        reasons = device_reasons(self, tensors)
-        if not _extension_built():
-            reasons.append("the fusedres._C extension is not built")
-        reasons.append(f"no CUDA kernel for {op} yet (the cuda backend is not implemented)")
-        return reasons
+        devices = sorted({t.device.type for t in tensors if t is not None})
+        unknown = [d for d in devices if d not in self.device_types()]
+        if unknown:
+            return [f"inputs are on {', '.join(unknown)}; the cuda backend runs on cuda and cpu"]
+        error = ext.load_error()
+        if error:
+            return [error]
+        for device_type in devices:
+            if not ext.has_kernels(device_type):
+                return [f"fusedres._C was built without {device_type.upper()} kernels (at build time no CUDA "
+                        f"toolkit was found, or FUSEDRES_BUILD_CUDA=0); rebuild where nvcc and CUDA_HOME are set"]
+        if op in _CONV_OPS:
+            return []
+        if op not in _KERNEL_OPS:
+            return [f"no fusedres._C kernel for {op}"]
+        main = tensors[0] if tensors else None
+        if main is None or op == "bn_finalize":
+            return []
+        if main.dtype not in _DTYPES:
+            return [f"dtype {main.dtype} is not supported by the fusedres._C kernels (float16, bfloat16, float32 "
+                    f"and float64 are)"]
+        if op == "conv_bn_stats":
+            return []
+        return bn_shape_reasons(tensors)
+
+    # Train mode: the elementwise and statistics passes are extension kernels.
+
+    def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation, groups):
+        a = x if in_scale is None else ext_ops.ext_prologue(x, in_scale, in_shift, prologue_relu)
+        y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+        y = y.contiguous(memory_format=reference.conv_output_memory_format(x, weight))
+        mean, var = ext_ops.ext_bn_stats(y)
+        return y, mean, var
+
+    def bn_stats(self, y):
+        return ext_ops.ext_bn_stats(y)
+
+    def scale_bias_act(self, y, scale, bias, residual, residual_scale, residual_bias, relu):
+        return self.scale_bias_act_with_mask(y, scale, bias, residual, residual_scale, residual_bias, relu)[0]
+
+    def scale_bias_act_with_mask(self, y, scale, bias, residual, residual_scale, residual_bias, relu):
+        return ext_ops.ext_scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu)
+
+    def bn_finalize(self, mean, var, weight, bias, eps):
+        return ext_ops.ext_bn_finalize(mean, var, weight, bias, eps)
+
+    def bn_update_running_stats(self, bn, mean, var, count):
+        if count < 2 or bn.num_batches_tracked is None or not _same_device(bn.running_mean, mean):
+            return super().bn_update_running_stats(bn, mean, var, count)
+        ext_ops.ext_bn_update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var,
+                                            bn.momentum, count)
+
+    # Backward passes (called by the public ops' autograd on the backend that ran the forward).
+
+    def bn_stats_backward(self, y, mean, grad_mean, grad_var):
+        return ext_ops.ext_conv_bn_stats_grad_y(None, y, mean, grad_mean, grad_var)
+
+    def conv_bn_stats_grad_y(self, grad_y, y, mean, grad_mean, grad_var):
+        return ext_ops.ext_conv_bn_stats_grad_y(grad_y, y, mean, grad_mean, grad_var)
+
+    def prologue(self, x, scale, shift, relu):
+        return ext_ops.ext_prologue(x, scale, shift, relu)
+
+    def prologue_backward(self, grad_a, x, scale, shift, relu, needs):
+        dx, dscale, dshift = ext_ops.ext_prologue_backward(grad_a, x, scale, shift, relu, needs[0])
+        return (dx if needs[0] else None), (dscale if needs[1] else None), (dshift if needs[2] else None)
+
+    def scale_bias_act_backward(self, grad, out, y, scale, residual, residual_scale, needs, mask=None):
+        if out is not None and mask is None:  # a ReLU output saved without a mask: not made by this backend
+            return super().scale_bias_act_backward(grad, out, y, scale, residual, residual_scale, needs)
+        need_dres = bool(needs[3]) and residual is not None
+        dy, dscale, dbias, dres, dres_scale = ext_ops.ext_scale_bias_act_backward(
+            grad, mask, y, scale, residual, residual_scale, bool(needs[0]), need_dres)
+        if need_dres:
+            dres = dres.to(residual.dtype).contiguous(memory_format=reference.suggest_memory_format(residual))
+        has_scale = residual_scale is not None
+        return ((dy if needs[0] else None), (dscale if needs[1] else None), (dbias if needs[2] else None),
+                (dres if need_dres else None), (dres_scale if needs[4] and has_scale else None),
+                (dbias if needs[5] and has_scale else None))
+
+
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device

@@ -31,10 +31,11 @@ import torch
 
 from fusedres import reference
 from fusedres.backends import tuning
-from fusedres.backends.base import Backend
+from fusedres.backends.base import Backend, bn_shape_reasons
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BN_OPS = ("bn_stats", "scale_bias_act")
+_PYTORCH_OPS = ("bn_finalize",)  # per-channel math: Backend's PyTorch default
 
 
 @functools.cache
@@ -82,22 +83,10 @@ def _dtype_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
 
 def _bn_reasons(tensors: Sequence[torch.Tensor | None]) -> list[str]:
     """bn_stats's (y,) or scale_bias_act's (y, scale, bias, residual, residual_scale, residual_bias)."""
-    y, *rest = tensors
-    if y.dim() != 4:
-        return [f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}"]
-    reasons = _main_dtype_reasons(y)
-    names = ("scale", "bias", "residual", "residual_scale", "residual_bias")
-    for name, t in zip(names, rest):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            reasons.append(f"{name} is {t.dtype}, not floating point")
-        elif name == "residual" and t.shape != y.shape:
-            reasons.append(f"residual has shape {tuple(t.shape)}, not y's {tuple(y.shape)} (the Triton kernel "
-                           f"does not broadcast)")
-        elif name != "residual" and t.numel() != y.shape[1]:
-            reasons.append(f"{name} has {t.numel()} elements, not one per channel ({y.shape[1]})")
-    return reasons
+    reasons = bn_shape_reasons(tensors)
+    if reasons and tensors[0].dim() != 4:
+        return reasons
+    return _main_dtype_reasons(tensors[0]) + reasons
 
 
 def _on_device(t: torch.Tensor, fn, *args):
@@ -173,7 +162,7 @@ class TritonBackend(Backend):
         elif op in _BN_OPS:
             if tensors and tensors[0] is not None:
                 reasons += _bn_reasons(tensors)
-        else:
+        elif op not in _PYTORCH_OPS:
             reasons.append(f"no Triton kernel for {op}")
         return reasons
 

@@ -45,7 +45,7 @@ bn_stats.register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup)
 
 
 @torch.library.custom_op("fusedres::scale_bias_act", mutates_args=())
-def scale_bias_act(
+def _scale_bias_act(
     y: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor,
@@ -54,29 +54,48 @@ def scale_bias_act(
     residual_bias: Optional[torch.Tensor],
     relu: bool,
     backend: str,
-) -> torch.Tensor:
-    impl = select_backend(backend, "scale_bias_act", (y, scale, bias, residual, residual_scale, residual_bias))
-    return impl.scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias)
+    return impl.scale_bias_act_with_mask(y, scale, bias, residual, residual_scale, residual_bias, relu)
 
 
-@scale_bias_act.register_fake
+def scale_bias_act(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
+                   residual_scale: Optional[torch.Tensor], residual_bias: Optional[torch.Tensor], relu: bool,
+                   backend: str) -> torch.Tensor:
+    """act(y*scale + bias + r): `reference.scale_bias_act` (the block tail)."""
+    return _scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu, backend)[0]
+
+
+def _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias):
+    return select_backend(backend, "scale_bias_act", (y, scale, bias, residual, residual_scale, residual_bias))
+
+
+@_scale_bias_act.register_fake
 def _(y, scale, bias, residual, residual_scale, residual_bias, relu, backend):
-    return torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
+    # The mask's size depends on the backend (1 bit per element where it makes one).
+    impl = _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias)
+    mask_bytes = (y.numel() + 7) // 8 if relu and impl.relu_mask else 0
+    out = torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
+    return out, y.new_empty(mask_bytes, dtype=torch.uint8)
 
 
 def _sba_setup(ctx, inputs, output):
     y, scale, bias, residual, residual_scale, residual_bias, relu, backend = inputs
-    ctx.save_for_backward(y, scale, residual, residual_scale, output if relu else None)
+    out, mask = output
+    has_mask = mask.numel() > 0
+    # The ReLU's backward needs the output's sign: the 1-bit mask where the backend made
+    # one, else the output itself (which the next layer keeps anyway).
+    ctx.save_for_backward(y, scale, residual, residual_scale, out if relu and not has_mask else None,
+                          mask if has_mask else None)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (scale, bias, residual_scale, residual_bias))
     # The backend that ran the forward runs the backward.
-    ctx.backend = select_backend(backend, "scale_bias_act", (y, scale, bias, residual, residual_scale,
-                                                             residual_bias)).name
+    ctx.backend = _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias).name
 
 
-def _sba_backward(ctx, grad):
-    y, scale, residual, residual_scale, out = ctx.saved_tensors
+def _sba_backward(ctx, grad, _grad_mask):
+    y, scale, residual, residual_scale, out, mask = ctx.saved_tensors
     grads = list(get_backend(ctx.backend).scale_bias_act_backward(
-        grad, out, y, scale, residual, residual_scale, ctx.needs_input_grad[:6]))
+        grad, out, y, scale, residual, residual_scale, ctx.needs_input_grad[:6], mask=mask))
     # Per-channel grads come in the accumulation dtype: give each its input's dtype.
     for i, dtype in zip((1, 2, 4, 5), ctx.dtypes):
         if grads[i] is not None:
@@ -86,4 +105,4 @@ def _sba_backward(ctx, grad):
     return (*grads, None, None)
 
 
-scale_bias_act.register_autograd(_sba_backward, setup_context=_sba_setup)
+_scale_bias_act.register_autograd(_sba_backward, setup_context=_sba_setup)
