@@ -90,7 +90,7 @@ def get_extensions() -> tuple[list, dict]:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         extension = cpp_extension.CUDAExtension
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math"]
+        extra_compile_args["nvcc"] = ["-O3"]  # no fast math: denormals and exact division as in PyTorch
         _log(f"building fusedres._C with CUDA kernels (CUDA_HOME={cuda_home}, "
              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})")
     else:
