@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusedres
+from fusedres import ext
 from fusedres.bench import cli, measure, roofline
 from fusedres.bench.candidates import Runner
 from fusedres.bench.cudnn_fused import CudnnFusedResNet, reference_ops
@@ -27,7 +28,8 @@ def test_cli_inference_record_and_table(tmp_path, capsys):
     # The yardstick always runs, even when not asked for.
     assert [r["key"] for r in run["candidates"]] == [
         "eager_nchw_fp32", "eager_cl", "compile", "cudnn_fused", "fusedres_torch", "fusedres_cuda"]
-    for key in ("eager_nchw_fp32", "eager_cl", "compile", "fusedres_torch"):
+    built = not ext.load_error()  # the cuda backend runs the extension's C++ kernels on the CPU
+    for key in ("eager_nchw_fp32", "eager_cl", "compile", "fusedres_torch", *(("fusedres_cuda",) if built else ())):
         row = rows[key]
         assert row["status"] == "ok", row
         assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"])
@@ -36,8 +38,9 @@ def test_cli_inference_record_and_table(tmp_path, capsys):
         if key != "compile":  # inductor's CPU allocations are invisible to the profiler: reported as None
             assert row["memory"]["peak_step_MiB"] > 0
         assert row["label"] in out
-    assert rows["fusedres_cuda"]["status"] == "unavailable"
-    assert "cuda" in rows["fusedres_cuda"]["reason"]
+    if not built:
+        assert rows["fusedres_cuda"]["status"] == "unavailable"
+        assert "fusedres._C" in rows["fusedres_cuda"]["reason"]
     assert rows["cudnn_fused"]["status"] == "unavailable"
     assert rows["compile"]["first_call_s"] > 0
     assert rows["compile"]["memory"]["peak_step_MiB"] is None
@@ -135,3 +138,16 @@ def test_cli_on_gpu_runs_cudnn_and_fusedres(tmp_path):
     assert rows["cudnn_fused"]["status"] == "ok", rows["cudnn_fused"]
     assert rows["fusedres_torch"]["status"] == "ok", rows["fusedres_torch"]
     assert record["environment"]["card"]
+
+
+@pytest.mark.skipif(bool(ext.load_error()), reason=ext.load_error() or "built")
+def test_kernel_benchmark_record(tmp_path):
+    from fusedres.bench import kernels, summary
+
+    out = tmp_path / "kernels.json"
+    record = kernels.run(["--device", "cpu", "--batch", "1", "--shapes", "1", "--repeats", "1", "--iters", "1",
+                          "--out", str(out)])
+    assert [r["op"] for r in record["rows"]][:2] == ["bn_stats", "bn_stats (vs torch.var_mean)"]
+    assert all(r["shape"] == [1, 64, 56, 56] and r["ext_ms"] > 0 and r["torch_ms"] > 0 for r in record["rows"])
+    assert json.loads(out.read_text())["rows"][0]["bytes"] == 64 * 56 * 56 * 4
+    summary.main([str(out)])

@@ -228,7 +228,7 @@ class TritonBackend(Backend):
         ops, _ = _load()
         return _on_device(y, ops.bn_stats_backward, y, mean, grad_mean, grad_var)
 
-    def scale_bias_act_backward(self, grad, out, y, scale, residual, residual_scale, needs):
+    def scale_bias_act_backward(self, grad, out, y, scale, residual, residual_scale, needs, mask=None):
         ops, _ = _load()
         return _on_device(y, ops.sba_backward_from_op, grad, out, y, scale, residual, residual_scale, needs)
 

@@ -1,8 +1,9 @@
 """Short tables from saved results: `python -m fusedres.bench.summary DIR_OR_FILES...`.
 
-Reads fusedres-bench JSON records (img/s per candidate and speedups over the baselines)
-and pytest-benchmark JSON from the per-block suite (median per candidate and the speedup
-of each fusedres backend over eager and over torch.compile max-autotune).
+Reads fusedres-bench JSON records (img/s per candidate and speedups over the baselines),
+kernel benchmark records (`python -m fusedres.bench.kernels`) and pytest-benchmark JSON
+from the per-block suite (median per candidate and the speedup of each fusedres backend
+over eager and over torch.compile max-autotune).
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
             env = record["environment"]
             print(f"== {path.name}: {env.get('card') or env.get('cpu')} | torch {env['torch']}")
             print("\n".join(cli_table(record)))
+        elif "rows" in record and "copy_bandwidth_GBps" in record:
+            print(f"== {path.name}: fusedres._C kernels vs PyTorch ops, {record['device']}, {record['dtype']}, "
+                  f"batch {record['batch']}")
+            from fusedres.bench.kernels import format_row
+
+            print("\n".join("   " + format_row(row) for row in record["rows"]))
         elif "benchmarks" in record:
             print(f"== {path.name}: per-block suite ({len(record['benchmarks'])} cases)")
             print("\n".join(block_table(record)))
