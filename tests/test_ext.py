@@ -79,6 +79,21 @@ def test_bn_stats_large_mean_and_many_rows(device, layout):
     torch.testing.assert_close(var.double().cpu(), exact_var.cpu(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bn_stats_non_finite_values_propagate_like_the_reference(device, layout):
+    y = _act((2, 8, 3, 3), torch.float32, device, layout)
+    y[0, 1, 0, 0] = float("inf")  # the first element: the CPU and CUDA kernels' shift
+    y[1, 2, 1, 1] = float("nan")
+    y[1, 3, 2, 0] = -float("inf")
+    mean, var = E.ext_bn_stats(y)
+    expected_mean, expected_var = reference.bn_stats(y.double())
+    for ours, theirs in ((mean, expected_mean), (var, expected_var)):
+        ours, theirs = ours.double().cpu(), theirs.cpu()
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+        assert torch.equal(ours[ours.isinf()], theirs[theirs.isinf()])
+
+
 def test_bn_stats_of_an_empty_batch_is_nan():
     mean, var = E.ext_bn_stats(torch.empty(0, 3, 4, 4))
     assert mean.isnan().all() and var.isnan().all()
@@ -371,3 +386,40 @@ def test_bad_arguments_raise_clear_errors(bad, match):
     x, v = torch.randn(2, 6, 4, 4), torch.randn(6)
     with pytest.raises(RuntimeError, match=match):
         bad(x, v)
+
+
+def _train_step_grads(model: nn.Module, forward, x: torch.Tensor, proj: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward/backward of loss = mean(out * proj): output, input and parameter grads (float64, CPU)."""
+    x = x.detach().clone().requires_grad_()
+    out = forward(x)
+    (out * proj.to(out.device, out.dtype)).mean().backward()
+    grads = {"output": out, "input grad": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+    return {k: v.detach().double().cpu() for k, v in grads.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_block_train_autocast_on_cuda_backend_gpu(dtype, layout):
+    """AMP training step of a bottleneck with a projection shortcut on the cuda backend: off
+    from float64 by at most 2x torchvision's own error in the same autocast dtype."""
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    ref = randomize_bn(fusedres.Bottleneck(16, 8, stride=2, downsample=down)).train()
+    x = torch.randn(8, 16, 28, 28, dtype=torch.float64)
+    proj = torch.randn(8, 32, 14, 14, dtype=torch.float64)
+    exact_model = copy.deepcopy(ref).double()
+    exact = _train_step_grads(exact_model, exact_model._unfused_forward, x, proj)
+    theirs_model = copy.deepcopy(ref).cuda().to(memory_format=layout)
+    ours_model = copy.deepcopy(ref).cuda().to(memory_format=layout)
+    ours_model.backend = "cuda"
+    xc = x.float().cuda().contiguous(memory_format=layout)
+    with torch.autocast("cuda", dtype=dtype):
+        theirs = _train_step_grads(theirs_model, theirs_model._unfused_forward, xc, proj)
+        ours = _train_step_grads(ours_model, ours_model, xc, proj)
+    for what, e in exact.items():
+        scale = e.abs().max().item()
+        err_ours = (ours[what] - e).abs().max().item() / scale
+        err_theirs = (theirs[what] - e).abs().max().item() / scale
+        assert err_ours <= 2 * err_theirs + 4 * torch.finfo(dtype).eps, (what, err_ours, err_theirs)
+    for (name, b), c in zip(ours_model.named_buffers(), theirs_model.buffers()):
+        torch.testing.assert_close(b.float(), c.float(), rtol=1e-2, atol=1e-2, msg=name)

@@ -6,65 +6,32 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/isa.h"
 #include "cpu/loops.h"
 
 namespace fusedres {
 namespace cpu {
 namespace {
 
-// Shifted sums: with K_c = the channel's first element, s1 = sum(y - K), s2 = sum((y - K)^2)
-// in double, then mean = K + s1/n and var = s2/n - (s1/n)^2. Shifting by a sample of the
-// channel keeps the subtraction from cancelling when the mean is much larger than the
-// spread (where E[y^2] - E[y]^2 would); chunked double sums keep large N*H*W safe.
-template <typename scalar_t>
-void bn_stats_kernel(const Activation& a, at::Tensor& mean, at::Tensor& var) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Layout& L = a.layout;
-  const int64_t C = L.channels;
-  const scalar_t* y = a.t.data_ptr<scalar_t>();
-  std::vector<double> shift(static_cast<size_t>(C), 0.0);
-  if (L.numel() > 0)
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(y[c * L.inner]);
-  const double* k = shift.data();
-  const auto sums = channel_sums<2>(L, [&](double* partial, int64_t begin, int64_t end) {
-    double* s1 = partial;
-    double* s2 = partial + C;
-    for_each_run(L, begin, end, [&](auto step, int64_t i0, int64_t len, int64_t c0) {
-      if constexpr (decltype(step)::value == 1) {
-        for (int64_t j = 0; j < len; ++j) {
-          const double d = static_cast<double>(y[i0 + j]) - k[c0 + j];
-          s1[c0 + j] += d;
-          s2[c0 + j] += d * d;
-        }
-      } else {
-        double t1 = 0, t2 = 0;
-        for (int64_t j = 0; j < len; ++j) {
-          const double d = static_cast<double>(y[i0 + j]) - k[c0];
-          t1 += d;
-          t2 += d * d;
-        }
-        s1[c0] += t1;
-        s2[c0] += t2;
-      }
-    });
-  });
-  const double n = static_cast<double>(L.outer * L.inner);
-  auto* m = mean.data_ptr<acc_t>();
-  auto* v = var.data_ptr<acc_t>();
-  for (int64_t c = 0; c < C; ++c) {
-    const double d = sums[c] / n;  // NaN for an empty batch, as torch.mean gives
-    m[c] = static_cast<acc_t>(k[c] + d);
-    v[c] = static_cast<acc_t>(std::max(sums[C + c] / n - d * d, 0.0));
-    if (std::isnan(d)) v[c] = std::numeric_limits<acc_t>::quiet_NaN();
-  }
-}
+
+#define FUSEDRES_ISA baseline
+#include "cpu/bn_stats_kernels.h"
+#undef FUSEDRES_ISA
+#ifdef FUSEDRES_AVX2_BUILD
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FUSEDRES_ISA avx2
+#include "cpu/bn_stats_kernels.h"
+#undef FUSEDRES_ISA
+#pragma GCC pop_options
+#endif
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
   const Activation a = prepare_activation(y, std::nullopt, "ext_bn_stats", "y");
   auto opts = a.t.options().dtype(a.acc);
   at::Tensor mean = at::empty({a.layout.channels}, opts), var = at::empty({a.layout.channels}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.t.scalar_type(), "ext_bn_stats",
-                                  [&] { bn_stats_kernel<scalar_t>(a, mean, var); });
+                                  [&] { FUSEDRES_CPU_CALL(bn_stats_kernel<scalar_t>(a, mean, var)); });
   return {mean, var};
 }
 
