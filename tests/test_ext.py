@@ -12,6 +12,10 @@ unwritten element shows as garbage against the reference.
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -423,3 +427,15 @@ def test_block_train_autocast_on_cuda_backend_gpu(dtype, layout):
         assert err_ours <= 2 * err_theirs + 4 * torch.finfo(dtype).eps, (what, err_ours, err_theirs)
     for (name, b), c in zip(ours_model.named_buffers(), theirs_model.buffers()):
         torch.testing.assert_close(b.float(), c.float(), rtol=1e-2, atol=1e-2, msg=name)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="one CPU build off x86-64")
+def test_baseline_cpu_build_too():
+    """The CPU kernels exist twice on x86-64 (baseline and AVX2+FMA, picked at run time);
+    the suite above runs the one this CPU takes. Rerun the kernel tests on the other."""
+    env = {**os.environ, "FUSEDRES_CPU_ISA": "baseline"}
+    selection = "cpu and not opcheck and not public and not train_blocks and not baseline"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                             selection], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout

@@ -30,14 +30,27 @@ void bn_stats_kernel(const Activation& a, at::Tensor& mean, at::Tensor& var) {
           s2[c0 + j] += d * d;
         }
       } else {
-        double t1 = 0, t2 = 0;
-        for (int64_t j = 0; j < len; ++j) {
-          const double d = static_cast<double>(y[i0 + j]) - k[c0];
-          t1 += d;
-          t2 += d * d;
+        // One channel: 8 independent lanes, so the sums vectorise (a single running sum
+        // is a serial chain of dependent adds). Fixed lane order: deterministic.
+        constexpr int kLanes = 8;
+        double t1[kLanes] = {}, t2[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= len; j += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            const double d = static_cast<double>(y[i0 + j + l]) - k[c0];
+            t1[l] += d;
+            t2[l] += d * d;
+          }
         }
-        s1[c0] += t1;
-        s2[c0] += t2;
+        for (; j < len; ++j) {
+          const double d = static_cast<double>(y[i0 + j]) - k[c0];
+          t1[0] += d;
+          t2[0] += d * d;
+        }
+        for (int l = 0; l < kLanes; ++l) {
+          s1[c0] += t1[l];
+          s2[c0] += t2[l];
+        }
       }
     });
   });

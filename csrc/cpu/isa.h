@@ -7,6 +7,9 @@
 // best one this CPU runs.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FUSEDRES_AVX2_BUILD 1
 #endif
@@ -14,10 +17,16 @@
 namespace fusedres {
 namespace cpu {
 
+// FUSEDRES_CPU_ISA=baseline (read once) forces the baseline build: how the tests reach it
+// on an AVX2 machine.
 inline bool use_avx2() {
 #ifdef FUSEDRES_AVX2_BUILD
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+  static const bool chosen = [] {
+    const char* isa = std::getenv("FUSEDRES_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return chosen;
 #else
   return false;
 #endif
