@@ -40,6 +40,10 @@ SHAPES = [(3, 16, 5, 7), (2, 6, 5, 4), (4, 24, 1, 1), (1, 5, 9, 3)]
 LAYOUTS = [torch.contiguous_format, CL]
 
 
+def _shape_id(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 def _act(shape, dtype, device, layout, scale=1.0, offset=0.0):
     return (torch.randn(shape, dtype=torch.float64) * scale + offset).to(device, dtype).contiguous(memory_format=layout)
 
@@ -61,8 +65,8 @@ def _acc(dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bn_stats(device, layout, shape, dtype):
     y = _act(shape, dtype, device, layout, scale=2.0, offset=0.5)
     mean, var = E.ext_bn_stats(y)
@@ -126,8 +130,8 @@ def _unpack(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES[:3])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("residual", [None, "identity", "projection"])
 @pytest.mark.parametrize("relu", [True, False])
 def test_scale_bias_act_and_mask(device, layout, shape, dtype, residual, relu):
@@ -145,8 +149,8 @@ def test_scale_bias_act_and_mask(device, layout, shape, dtype, residual, relu):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES[:3])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("residual", [None, "identity", "projection"])
 @pytest.mark.parametrize("relu", [True, False])
 def test_scale_bias_act_backward(device, layout, shape, dtype, residual, relu):
@@ -179,8 +183,8 @@ def test_tail_nan_and_rounding_to_zero(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("relu", [True, False])
 def test_prologue_and_backward(device, layout, shape, dtype, relu):
     c = shape[1]
@@ -201,8 +205,8 @@ def test_prologue_and_backward(device, layout, shape, dtype, relu):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES[:2])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("present", [(True, True, True), (False, True, True), (True, False, True), (True, True, False),
                                      (False, False, True)])
 def test_conv_bn_stats_grad_y(device, layout, shape, dtype, present):

@@ -14,17 +14,8 @@ namespace cpu {
 namespace {
 
 
-#define FUSEDRES_ISA baseline
-#include "cpu/bn_stats_kernels.h"
-#undef FUSEDRES_ISA
-#ifdef FUSEDRES_AVX2_BUILD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define FUSEDRES_ISA avx2
-#include "cpu/bn_stats_kernels.h"
-#undef FUSEDRES_ISA
-#pragma GCC pop_options
-#endif
+#define FUSEDRES_KERNELS "cpu/bn_stats_kernels.h"
+#include "cpu/compile_twice.h"
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
   const Activation a = prepare_activation(y, std::nullopt, "ext_bn_stats", "y");

@@ -1,5 +1,4 @@
-// Included twice by bn_stats.cpp, inside namespace fusedres::cpu::(anonymous), with FUSEDRES_ISA
-// set to the namespace to define (see isa.h): no include guard, no includes.
+// Kernels compiled twice through compile_twice.h (see isa.h): no include guard, no includes.
 namespace FUSEDRES_ISA {
 
 // Shifted sums: with K_c = the channel's first element, s1 = sum(y - K), s2 = sum((y - K)^2)

@@ -2,9 +2,9 @@
 // AVX2 + FMA, chosen at run time. (PyTorch's own CPU kernels do the same through their
 // CPU_CAPABILITY builds; without it the extension would run half-width vectors.)
 //
-// A kernel file includes its *_kernels.h twice, once per FUSEDRES_ISA namespace, the second
-// time under `#pragma GCC target("avx2,fma")`; FUSEDRES_CPU_CALL(f<...>(args)) calls the
-// best one this CPU runs.
+// A kernel file compiles its *_kernels.h once per FUSEDRES_ISA namespace through
+// compile_twice.h (the second time under `#pragma GCC target("avx2,fma")`);
+// FUSEDRES_CPU_CALL(f<...>(args)) calls the best one this CPU runs.
 #pragma once
 
 #include <cstdlib>

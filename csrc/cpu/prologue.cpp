@@ -12,17 +12,8 @@ namespace cpu {
 namespace {
 
 
-#define FUSEDRES_ISA baseline
-#include "cpu/prologue_kernels.h"
-#undef FUSEDRES_ISA
-#ifdef FUSEDRES_AVX2_BUILD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define FUSEDRES_ISA avx2
-#include "cpu/prologue_kernels.h"
-#undef FUSEDRES_ISA
-#pragma GCC pop_options
-#endif
+#define FUSEDRES_KERNELS "cpu/prologue_kernels.h"
+#include "cpu/compile_twice.h"
 
 at::Tensor prologue_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
   const PrologueArgs a = prepare_prologue(std::nullopt, x, scale, shift, std::nullopt);

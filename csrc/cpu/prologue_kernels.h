@@ -1,5 +1,4 @@
-// Included twice by prologue.cpp, inside namespace fusedres::cpu::(anonymous), with FUSEDRES_ISA
-// set to the namespace to define (see isa.h): no include guard, no includes.
+// Kernels compiled twice through compile_twice.h (see isa.h): no include guard, no includes.
 namespace FUSEDRES_ISA {
 
 template <typename scalar_t, bool RELU>

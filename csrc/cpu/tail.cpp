@@ -32,17 +32,8 @@ inline const T* ptr(const std::optional<at::Tensor>& t) {
 }
 
 
-#define FUSEDRES_ISA baseline
-#include "cpu/tail_kernels.h"
-#undef FUSEDRES_ISA
-#ifdef FUSEDRES_AVX2_BUILD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define FUSEDRES_ISA avx2
-#include "cpu/tail_kernels.h"
-#undef FUSEDRES_ISA
-#pragma GCC pop_options
-#endif
+#define FUSEDRES_KERNELS "cpu/tail_kernels.h"
+#include "cpu/compile_twice.h"
 
 std::tuple<at::Tensor, at::Tensor> scale_bias_act_cpu(const at::Tensor& y, const at::Tensor& scale,
                                                       const at::Tensor& bias,
