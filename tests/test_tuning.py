@@ -323,3 +323,17 @@ def test_auto_tunes_on_a_real_gpu(tmp_path, monkeypatch, caplog):
     expected = reference.conv_bias_act(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
     for o in (out, out2):
         torch.testing.assert_close(o.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_auto_does_not_time_the_same_convolution_twice(tmp_path, monkeypatch):
+    """The cuda backend's eval convolution is the torch backend's code: only its owner is timed."""
+    triton = BACKENDS["triton"]
+    timer = FakeTimer(triton=2.0, torch=1.0, cuda=1.0)
+    monkeypatch.setattr(tuning, "TUNER", _tuner(tmp_path, timer))
+    monkeypatch.setattr(type(triton), "device_types", lambda self: ("cuda", "cpu"))
+    monkeypatch.setattr(type(BACKENDS["cuda"]), "targets", lambda self, device_type: True)
+    monkeypatch.setattr(type(BACKENDS["cuda"]), "not_supported_reasons", lambda self, op, tensors: [])
+    monkeypatch.setattr(tuning, "wants_tuning", lambda device_type: True)
+    args = _args()
+    assert select_backend("auto", "conv_bias_act", args[:6], args=args) is BACKENDS["torch"]
+    assert timer.timed == ["triton", "torch"]

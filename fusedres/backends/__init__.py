@@ -108,10 +108,18 @@ def select_backend(name: str, op: str, tensors: Sequence[torch.Tensor | None],
 
 
 def _also_capable(op: str, tensors: Sequence[torch.Tensor | None], device_type: str, after: str) -> list[Backend]:
-    """The backends after `after` in AUTO_PRIORITY that can run `op` on `tensors` too."""
-    rest = AUTO_PRIORITY[AUTO_PRIORITY.index(after) + 1:]
-    return [BACKENDS[n] for n in rest
-            if BACKENDS[n].targets(device_type) and not BACKENDS[n].not_supported_reasons(op, tensors)]
+    """The backends after `after` in AUTO_PRIORITY that can run `op` on `tensors` too, one
+    per implementation, the implementation's owner preferred (the cuda backend's eval
+    convolution is the torch backend's code: timing it twice would measure nothing new)."""
+    capable = [BACKENDS[n] for n in AUTO_PRIORITY[AUTO_PRIORITY.index(after) + 1:]
+               if BACKENDS[n].targets(device_type) and not BACKENDS[n].not_supported_reasons(op, tensors)]
+    by_implementation: dict[str, Backend] = {}
+    for backend in capable:
+        impl = backend.implementation(op)
+        if impl not in by_implementation or backend.name == impl:
+            by_implementation[impl] = backend
+    by_implementation.pop(BACKENDS[after].implementation(op), None)
+    return [b for b in capable if b in by_implementation.values()]
 
 
 def _warn_once(op: str, device_type: str, message: str) -> None:

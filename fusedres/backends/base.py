@@ -29,6 +29,11 @@ class Backend:
         types = self.device_types()
         return "*" in types or device_type in types
 
+    def implementation(self, op: str) -> str:
+        """Which code runs `op` here: this backend's name, or the name of the backend whose
+        implementation it reuses (so that `auto` does not time the same code twice)."""
+        return self.name
+
     def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
         """Why this backend cannot run `op` on `tensors` (the op's tensor arguments in
         order, None for an absent optional one); empty when it can."""

@@ -42,6 +42,9 @@ class CudaBackend(TorchBackend):
         # pure-Python install runs the torch backend there without a warning.
         return device_type == "cuda" or (device_type == "cpu" and ext.has_kernels("cpu"))
 
+    def implementation(self, op: str) -> str:
+        return "torch" if op in _CONV_OPS else self.name
+
     def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
         devices = sorted({t.device.type for t in tensors if t is not None})
         unknown = [d for d in devices if d not in self.device_types()]
