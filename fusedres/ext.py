@@ -12,8 +12,6 @@ import torch
 
 from fusedres import reference
 
-OPS = ("ext_bn_stats", "ext_bn_finalize", "ext_bn_update_running_stats", "ext_scale_bias_act",
-       "ext_scale_bias_act_backward", "ext_conv_bn_stats_grad_y", "ext_prologue", "ext_prologue_backward")
 BUILD_HINT = ("install torch first, then build with `pip install --no-build-isolation -e .` where a C++ compiler "
               "is found (README: Building the extension)")
 

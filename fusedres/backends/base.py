@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fusedres import reference
 
@@ -87,9 +88,12 @@ class Backend:
 
     def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
                       groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, mean, var) of `reference.conv_bn_stats`; this default runs the reference."""
-        return reference.conv_bn_stats(x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation,
-                                       groups)
+        """(y, mean, var) of `reference.conv_bn_stats`, composed from this backend's own
+        `prologue` and `bn_stats` around ATen's convolution (cuDNN / oneDNN)."""
+        a = x if in_scale is None else self.prologue(x, in_scale, in_shift, prologue_relu)
+        y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+        y = y.contiguous(memory_format=reference.conv_output_memory_format(x, weight))
+        return (y, *self.bn_stats(y))
 
     def conv_backward(self, grad: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, need_input: bool,

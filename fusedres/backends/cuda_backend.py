@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fusedres import ext, reference
 from fusedres.backends.base import bn_shape_reasons
@@ -71,14 +70,8 @@ class CudaBackend(TorchBackend):
             return []
         return bn_shape_reasons(tensors)
 
-    # Train mode: the elementwise and statistics passes are extension kernels.
-
-    def conv_bn_stats(self, x, weight, in_scale, in_shift, prologue_relu, stride, padding, dilation, groups):
-        a = x if in_scale is None else ext_ops.ext_prologue(x, in_scale, in_shift, prologue_relu)
-        y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
-        y = y.contiguous(memory_format=reference.conv_output_memory_format(x, weight))
-        mean, var = ext_ops.ext_bn_stats(y)
-        return y, mean, var
+    # Train mode: the elementwise and statistics passes are extension kernels (conv_bn_stats
+    # is Backend's composition of prologue, ATen's conv and bn_stats below).
 
     def bn_stats(self, y):
         return ext_ops.ext_bn_stats(y)
@@ -93,7 +86,7 @@ class CudaBackend(TorchBackend):
         return ext_ops.ext_bn_finalize(mean, var, weight, bias, eps)
 
     def bn_update_running_stats(self, bn, mean, var, count):
-        if count < 2 or bn.num_batches_tracked is None or not _same_device(bn.running_mean, mean):
+        if count < 2 or bn.num_batches_tracked is None or bn.running_mean.device != mean.device:
             return super().bn_update_running_stats(bn, mean, var, count)
         ext_ops.ext_bn_update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var,
                                             bn.momentum, count)
@@ -126,6 +119,3 @@ class CudaBackend(TorchBackend):
                 (dres if need_dres else None), (dres_scale if needs[4] and has_scale else None),
                 (dbias if needs[5] and has_scale else None))
 
-
-def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device
