@@ -1,5 +1,7 @@
 """The op layer: schemas, fake implementations, autograd, backends against the reference."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -70,6 +72,55 @@ def test_conv_bias_act_cpu_fast_path_matches_reference(case, relu):
     assert out.stride() == expected.float().contiguous(
         memory_format=reference.conv_output_memory_format(args32[0], args32[1])).stride()
     assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("case", [pytest.param({}, id="plain"), pytest.param({"residual": True}, id="residual"),
+                                  pytest.param({"shortcut": True}, id="projection")])
+def test_conv_bias_act_when_onednn_refuses_a_shape(case, monkeypatch):
+    """A shape this torch's oneDNN cannot run (torch 2.11 refuses some) takes the reference
+    path: the right answer, one warning for the shape, then no more warnings or retries."""
+    from fusedres.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_mkldnn_failed", set())
+    calls = []
+
+    class Refusing:
+        def __call__(self, *args):
+            calls.append(args)
+            raise RuntimeError("could not create a memory")
+
+        binary = __call__
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", Refusing())
+    args64 = _conv_args(**case)
+    args32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args64]
+    expected = reference.conv_bias_act(*args64, True)
+    with pytest.warns(RuntimeWarning, match="oneDNN's fused convolution failed"):
+        out = fusedres.ops.conv_bias_act(*args32, True, "torch")
+    tried = len(calls)
+    assert tried >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = fusedres.ops.conv_bias_act(*args32, True, "torch")
+    assert len(calls) == tried  # remembered: not retried
+    error = (out.double() - expected).abs().max().item()
+    assert error <= 4 * (8 * 9 + 4) * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    assert torch.equal(out, again)
+
+
+def test_resnet18_on_a_1x1_final_map_runs_on_the_torch_backend():
+    """layer4 of ResNet-18 at 32x32 sees a 1x1 map: oneDNN's fused binary conv of torch 2.11
+    refused that ("could not create a memory"); the result must still match torchvision."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    fused = fusedres.convert(model, backend="torch").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whether a shape falls back depends on the torch build
+        out, expected = fused(x), model.double()(x.double())
+    error = (out.double() - expected).abs().max().item()
+    assert error <= 1e-4 * expected.abs().max().item()
 
 
 def _bn_args(dtype=torch.float64, requires_grad=False, residual=None):

@@ -39,6 +39,8 @@ _MKLDNN_POINTWISE = _mkldnn_pointwise_available()
 _CUDNN_FUSED = hasattr(torch, "cudnn_convolution_relu") and hasattr(torch, "cudnn_convolution_add_relu")
 _CUDNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _cudnn_failed: set[tuple[torch.dtype, bool]] = set()  # (dtype, with z) that this build's cuDNN refused
+# Shapes this build's oneDNN refused (see _mkldnn_key); they take the reference path from then on.
+_mkldnn_failed: set[tuple] = set()
 
 
 def _all_finite(*tensors: torch.Tensor | None) -> bool:
@@ -65,13 +67,32 @@ def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, *others: torc
     return not relu or _all_finite(x, weight, *others)
 
 
+def _mkldnn_key(x, weight, stride, padding, dilation, groups, relu, other) -> tuple:
+    """What decides whether oneDNN can run a fused conv: everything but the batch size."""
+    return (tuple(x.shape[1:]), x.stride()[1:], tuple(weight.shape), weight.stride(), tuple(stride), tuple(padding),
+            tuple(dilation), groups, relu, None if other is None else other.stride()[1:])
+
+
 def _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, other=None):
+    """oneDNN's conv (+ bias) (+ other) (+ ReLU); None where this build's oneDNN refuses the shape
+    (torch 2.11 fails `.binary` with a 3x3 channels_last weight on a 1x1 input: "could not create
+    a memory"): the caller then takes the reference path, and so does every later call of that shape."""
+    key = _mkldnn_key(x, weight, stride, padding, dilation, groups, relu, other)
+    if key in _mkldnn_failed:
+        return None
     pointwise = torch.ops.mkldnn._convolution_pointwise
-    if other is None:
-        return pointwise(x, weight, bias, padding, stride, dilation, groups,
-                         "relu" if relu else "none", [], "")
-    return pointwise.binary(x, other, weight, bias, padding, stride, dilation, groups,
-                            "add", 1.0, "relu" if relu else None, [], "")
+    try:
+        if other is None:
+            return pointwise(x, weight, bias, padding, stride, dilation, groups,
+                             "relu" if relu else "none", [], "")
+        return pointwise.binary(x, other, weight, bias, padding, stride, dilation, groups,
+                                "add", 1.0, "relu" if relu else None, [], "")
+    except RuntimeError as e:
+        _mkldnn_failed.add(key)
+        warnings.warn(f"fusedres: oneDNN's fused convolution failed for input {tuple(x.shape)} and weight "
+                      f"{tuple(weight.shape)} ({str(e).splitlines()[0]}); this shape uses the unfused reference "
+                      f"from now on", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _use_cudnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, with_z: bool, *others: torch.Tensor | None) -> bool:
@@ -133,13 +154,18 @@ class TorchBackend(Backend):
         bias = None if bias is None else bias.to(torch.float32)
         if shortcut_x is not None:
             # The projection shortcut becomes the residual that the main conv adds in its post-op.
-            residual = _mkldnn_conv(shortcut_x.to(torch.float32), shortcut_weight.to(torch.float32), None,
-                                    shortcut_stride, [0, 0], [1, 1], 1, False)
+            sx, sw = shortcut_x.to(torch.float32), shortcut_weight.to(torch.float32)
+            residual = _mkldnn_conv(sx, sw, None, shortcut_stride, [0, 0], [1, 1], 1, False)
+            if residual is None:
+                residual = F.conv2d(sx, sw, None, shortcut_stride)
         if residual is None:
             out = _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu)
         else:
             residual = residual.to(torch.float32).contiguous(memory_format=memory_format)
             out = _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, residual)
+        if out is None:
+            return reference.conv_bias_act(x, weight, bias, residual, None, None, stride, padding, dilation, groups,
+                                           shortcut_stride, relu)
         return out.contiguous(memory_format=memory_format)
 
     def _cudnn_conv_bias_act(self, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
