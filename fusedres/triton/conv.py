@@ -43,6 +43,7 @@ No atomics: for one config the result is deterministic.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -86,7 +87,42 @@ else:
 _STATS_TILE_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
 _STATS_COMBINE = (16, 16) if _INTERPRET else (64, 64)  # BLOCK_P, BLOCK_C of the combine kernel
 
-_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config's pipeline may use (H100 has 227 KiB)
+# Shared memory per block: the device's opt-in limit and its compute capability (the
+# pipeline's depth depends on it), read once per device at autotune time. The ahead-of-time
+# check (fusedres.bench.compiled) sets _SMEM_TARGET to its target card's.
+_SMEM_TARGET: tuple[int, int] | None = None  # (bytes, capability major)
+_SMEM_BUDGET = 232448  # off CUDA (the interpreter has no limit): H100's 227 KiB
+
+
+@functools.cache
+def _device_smem(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if not limit:  # older torch: ask Triton's driver
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(limit), props.major
+
+
+def _smem_target(t: torch.Tensor) -> tuple[int, int]:
+    """(bytes of shared memory one program may use, compute capability major) on t's device."""
+    if _SMEM_TARGET is not None:
+        return _SMEM_TARGET
+    if t.device.type != "cuda":
+        return _SMEM_BUDGET, 9
+    return _device_smem(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _smem_estimate(bm: int, bn: int, bk: int, stages: int, elem: int, major: int, transform: bool = False) -> int:
+    """An upper bound of a config's shared memory, checked against every compiled variant by
+    fusedres.bench.compiled: the pipelined A/B tiles (num_stages copies with Hopper's wgmma,
+    one fewer with mma.sync), plus, when A is transformed in registers (the BN prologue) or the
+    epilogue reduces (statistics), the A tile's staging/layout-conversion scratch (at most one
+    fp32 A tile) and the reductions' scratch."""
+    buffers = stages if major >= 9 else stages - 1
+    est = buffers * (bm * bk + bk * bn) * elem
+    if transform:
+        est += bm * bk * 4 + 2048
+    return est
 
 
 def _pow2_at_least(n: int) -> int:
@@ -99,19 +135,29 @@ def _empty(*args, **kwargs) -> torch.Tensor:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Shrink BLOCK_N / BLOCK_K to the problem (tiny groups, stem) and drop duplicates and
-    configs whose pipelined tiles overflow shared memory."""
+    """Shrink BLOCK_N / BLOCK_K to the problem (tiny groups, stem) and drop duplicates, configs
+    whose estimated shared memory exceeds the device's and configs that spill registers
+    (measured by fusedres.bench.compiled: 255 registers and spills beyond these per-thread sizes)."""
     args = {**named_args, **kwargs}
     ocg, cg, k_total, flat_k = args["OCg"], args["Cg"], args["K_TOTAL"], args["FLAT_K"]
     elem = args["x_ptr"].element_size()
+    limit, major = _smem_target(args["x_ptr"])
+    prologue, stats = bool(args.get("HAS_PROLOGUE")), bool(args.get("STATS"))
+    fp32_tiles = bool(args.get("HAS_RES")) or stats  # the epilogue holds a second fp32 tile
     bn_cap = max(16, _pow2_at_least(ocg))
     bk_cap = max(16, _pow2_at_least(k_total if flat_k else cg))
     out, seen = [], set()
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], min(cfg.kwargs["BLOCK_N"], bn_cap), min(cfg.kwargs["BLOCK_K"], bk_cap)
+        threads = 32 * cfg.num_warps
         while not flat_k and bk > 16 and cg % bk:  # tap mode: chunks should tile Cg exactly
             bk //= 2
-        if cfg.num_stages * (bm * bk + bk * bn) * elem > _SMEM_BUDGET:
+        while flat_k and bk > 16 and bm * bk > 16 * threads:  # flat mode's per-element addresses: <= 16 a thread
+            bk //= 2
+        acc = bm * bn // threads  # fp32 accumulators a thread holds
+        if (fp32_tiles and acc > 64) or (prologue and acc + bm * bk // threads > 96):
+            continue
+        if _smem_estimate(bm, bn, bk, cfg.num_stages, elem, major, prologue or stats) > limit:
             continue
         key = (bm, bn, bk, cfg.num_warps, cfg.num_stages)
         if key not in seen:
@@ -128,7 +174,9 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "OC", "OCg", "Cg", "K_TOTAL", "Cs", "STATS"],
+# HAS_RES / HAS_PROLOGUE are in the key because the pruning (register pressure) depends on them.
+@triton.autotune(configs=_CONFIGS,
+                 key=["M", "OC", "OCg", "Cg", "K_TOTAL", "Cs", "STATS", "HAS_RES", "HAS_PROLOGUE"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_kernel(

@@ -62,13 +62,15 @@ import triton.language as tl
 
 from fusedres.triton.conv import (
     _INTERPRET,
-    _SMEM_BUDGET,
+    _SMEM_BUDGET,  # noqa: F401 (the off-device limit, re-exported for the tests)
     _SUPPORTED_DTYPES,
     _check_device,
     _config,
     _conv_out_size,
     _pair,
     _pow2_at_least,
+    _smem_estimate,
+    _smem_target,
 )
 
 _CL = torch.channels_last
@@ -117,10 +119,14 @@ def _empty(*args, **kwargs) -> torch.Tensor:
     return torch.empty(*args, **kwargs)
 
 
-def _prune(configs, m_cap: int, n_cap: int, k_cap: int, n_div: int, k_div: int, elem: int):
+def _prune(configs, m_cap: int, n_cap: int, k_cap: int, n_div: int, k_div: int, elem: int,
+           target: tuple[int, int], gather: str = ""):
     """Shrink BLOCK_M/N/K to at most max(16, pow2 >= cap); BLOCK_N / BLOCK_K down to a divisor
-    of n_div / k_div (tap mode: chunks should tile a tap's channels; 0 = no constraint); drop
-    duplicates and configs whose pipelined tiles overflow shared memory."""
+    of n_div / k_div (tap mode: chunks should tile a tap's channels; 0 = no constraint); in flat
+    mode, BLOCK_K until the tile gathered per element ("A": [BLOCK_M, BLOCK_K], "B": [BLOCK_K,
+    BLOCK_N]) is at most 16 elements a thread (more spills registers, measured by
+    fusedres.bench.compiled); drop duplicates and configs whose estimated shared memory
+    exceeds the device's (target: its limit and compute capability major)."""
     out, seen = [], set()
     for cfg in configs:
         bm = min(cfg.kwargs["BLOCK_M"], max(16, _pow2_at_least(m_cap)))
@@ -130,7 +136,9 @@ def _prune(configs, m_cap: int, n_cap: int, k_cap: int, n_div: int, k_div: int, 
             bn //= 2
         while k_div and bk > 16 and k_div % bk:
             bk //= 2
-        if cfg.num_stages * (bm * bk + bk * bn) * elem > _SMEM_BUDGET:
+        while gather and bk > 16 and bk * (bm if gather == "A" else bn) > 16 * 32 * cfg.num_warps:
+            bk //= 2
+        if _smem_estimate(bm, bn, bk, cfg.num_stages, elem, target[1]) > target[0]:
             continue
         key = (bm, bn, bk, cfg.num_warps, cfg.num_stages)
         if key not in seen:
@@ -143,7 +151,7 @@ def _prune_dgrad_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     cg, ocg, flat = args["Cg"], args["OCg"], args["FLAT_K"]
     return _prune(configs, args["M0"], cg, args["K_TOTAL"] if flat else ocg, 0, 0 if flat else ocg,
-                  args["g_ptr"].element_size())
+                  args["g_ptr"].element_size(), _smem_target(args["g_ptr"]), "A" if flat else "")
 
 
 def _prune_wgrad_configs(configs, named_args, **kwargs):
@@ -151,7 +159,7 @@ def _prune_wgrad_configs(configs, named_args, **kwargs):
     cg, flat = args["Cg"], args["FLAT_K"]
     pixels = triton.cdiv(args["M"], args["SPLIT"])  # per split
     return _prune(configs, args["OCg"], args["K_TOTAL"] if flat else cg, pixels, 0 if flat else cg, 0,
-                  args["g_ptr"].element_size())
+                  args["g_ptr"].element_size(), _smem_target(args["g_ptr"]), "B" if flat else "")
 
 
 @triton.jit
