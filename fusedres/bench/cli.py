@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,13 +75,40 @@ def _defaults(args: argparse.Namespace) -> None:
     args.iters = args.iters or (10 if gpu else 1)
 
 
+_FUSEDRES_CHECKED: list[str] = []  # fusedres rows already run in this process (they share kernels and tuning)
+
+
+def _count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder.is_dir() else 0
+
+
+def _cache_state() -> dict:
+    """What a first call may find done already: compiled kernels (and, with
+    TRITON_CACHE_AUTOTUNING=1, autotuning choices) in TRITON_CACHE_DIR, and tuning results
+    of the never-slower tuner in FUSEDRES_CACHE_DIR. Counted before the first call, so that
+    first_call_s can be read: all zero means it paid every compile, autotune and tune."""
+    from fusedres.backends import tuning
+
+    triton_dir = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return {"triton_cache_files": _count_files(triton_dir), "tuner_cache_files": _count_files(tuning.cache_dir()),
+            "after_in_process": list(_FUSEDRES_CHECKED)}
+
+
 def _check(cand: Candidate) -> tuple[Runner | None, dict]:
-    """Build and run a candidate once. Returns the runner and its result record so far."""
+    """Build and run a candidate once. Returns the runner and its result record so far.
+
+    first_call_s is the first forward (+ backward) through the built candidate: for fusedres
+    rows it includes loading Triton, compiling and autotuning its kernels and the
+    never-slower tuning, unless `first_call_caches` shows caches already filled (on disk, or
+    in this process by the fusedres rows listed in after_in_process)."""
     row = {"key": cand.key, "label": cand.label, "kind": cand.kind}
     if cand.unavailable:
         return None, {**row, "status": "unavailable", "reason": cand.unavailable}
     try:
         runner = cand.build()
+        if cand.kind == "fusedres":
+            row["first_call_caches"] = _cache_state()
+            _FUSEDRES_CHECKED.append(cand.key)
         begin = time.perf_counter()
         logits, grads = runner.check()
         measure.sync(runner.x.device)
