@@ -23,7 +23,7 @@ set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTPUT_DIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU machine's image has python3 (holding PyTorch), maybe no python
 BUDGET=${GPU_CHECK_BUDGET:-540}
 RESERVE=15  # seconds kept for the final pack
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
