@@ -76,6 +76,8 @@ def test_smem_estimate_covers_measured():
         ((128, 64, 64, 4, 2, 8, True), 91648),
         ((128, 256, 64, 3, 2, 9, False), 147456),
         ((128, 128, 64, 3, 2, 8, False), 65536),
+        ((64, 128, 16, 4, 2, 9, False), 32768),  # the stem's fp16 wgrad: the epilogue's fp32 tile
+        ((64, 128, 32, 3, 2, 8, False), 32768),
     ]
     for (bm, bn, bk, stages, elem, major, transform), shared in measured:
         assert tconv._smem_estimate(bm, bn, bk, stages, elem, major, transform) >= shared

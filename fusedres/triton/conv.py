@@ -117,12 +117,14 @@ def _smem_estimate(bm: int, bn: int, bk: int, stages: int, elem: int, major: int
     fusedres.bench.compiled: the pipelined A/B tiles (num_stages copies with Hopper's wgmma,
     one fewer with mma.sync), plus, when A is transformed in registers (the BN prologue) or the
     epilogue reduces (statistics), the A tile's staging/layout-conversion scratch (at most one
-    fp32 A tile) and the reductions' scratch."""
+    fp32 A tile) and the reductions' scratch. The epilogue may convert the fp32 accumulator's
+    layout through shared memory once the pipeline is drained (seen in the stem's wgrad: 32 KiB
+    for a 64x128 tile over 24 KiB of pipeline), so never less than one fp32 [bm, bn] tile."""
     buffers = stages if major >= 9 else stages - 1
     est = buffers * (bm * bk + bk * bn) * elem
     if transform:
         est += bm * bk * 4 + 2048
-    return est
+    return max(est, bm * bn * 4)
 
 
 def _pow2_at_least(n: int) -> int:
