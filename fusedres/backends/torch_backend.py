@@ -77,8 +77,10 @@ def _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, other
     """oneDNN's conv (+ bias) (+ other) (+ ReLU); None where this build's oneDNN refuses the shape
     (torch 2.11 fails `.binary` with a 3x3 channels_last weight on a 1x1 input: "could not create
     a memory"): the caller then takes the reference path, and so does every later call of that shape."""
-    key = _mkldnn_key(x, weight, stride, padding, dilation, groups, relu, other)
-    if key in _mkldnn_failed:
+    def key() -> tuple:
+        return _mkldnn_key(x, weight, stride, padding, dilation, groups, relu, other)
+
+    if _mkldnn_failed and key() in _mkldnn_failed:  # no key built per call while nothing has failed
         return None
     pointwise = torch.ops.mkldnn._convolution_pointwise
     try:
@@ -88,7 +90,7 @@ def _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, other
         return pointwise.binary(x, other, weight, bias, padding, stride, dilation, groups,
                                 "add", 1.0, "relu" if relu else None, [], "")
     except RuntimeError as e:
-        _mkldnn_failed.add(key)
+        _mkldnn_failed.add(key())
         warnings.warn(f"fusedres: oneDNN's fused convolution failed for input {tuple(x.shape)} and weight "
                       f"{tuple(weight.shape)} ({str(e).splitlines()[0]}); this shape uses the unfused reference "
                       f"from now on", RuntimeWarning, stacklevel=3)
