@@ -236,7 +236,8 @@ else
     stage tune 60 $PY -m fusedres.bench.tune --max-blocks 1 --out "$WORK/tune.json"
     stage kernels 60 $PY -m fusedres.bench.kernels --shapes 2 --batch 2 --repeats 2 --out "$WORK/kernels.json"
     stage cli_inference 90 $PY -m fusedres.bench --model resnet18 --batch 2 --image-size 64 --repeats 2 \
-        --warmup 0 --mode inference --skip compile eager_nchw_fp32 --out-dir "$WORK" --name cli-inference --no-progress
+        --warmup 0 --mode inference --skip compile compile_freezing eager_nchw_fp32 --out-dir "$WORK" \
+        --name cli-inference --no-progress
     stage cli_training 90 $PY -m fusedres.bench --model resnet18 --batch 4 --image-size 64 --repeats 2 \
         --warmup 0 --mode training --skip compile eager_nchw_fp32 --out-dir "$WORK" --name cli-training --no-progress
     stage blocks 90 $PY -m pytest benchmarks -q -p no:cacheprovider -k "resnet18.layer1.0 or resnet50.layer1.0" \

@@ -1,16 +1,17 @@
 """The benchmark CLI: parity gate, records, folding baseline, roofline arithmetic (no timing asserts)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import fusedres
 from fusedres import ext
-from fusedres.bench import cli, measure, roofline
-from fusedres.bench.candidates import Runner
+from fusedres.bench import cli, measure, report, roofline
+from fusedres.bench.candidates import ALL_CANDIDATES, Runner, build_candidates
 from fusedres.bench.cudnn_fused import CudnnFusedResNet, reference_ops
-from fusedres.bench.workload import block_stages, build_model
+from fusedres.bench.workload import Workload, block_stages, build_model
 
 TINY = ["--model", "resnet18", "--batch", "2", "--image-size", "32", "--repeats", "2", "--no-progress"]
 
@@ -19,31 +20,44 @@ def _rows(run: dict) -> dict[str, dict]:
     return {r["key"]: r for r in run["candidates"]}
 
 
-def test_cli_inference_record_and_table(tmp_path, capsys):
-    record = cli.run([*TINY, "--candidates", "eager_nchw_fp32", "compile", "fusedres_torch", "fusedres_cuda",
-                      "cudnn_fused", "--out-dir", str(tmp_path), "--name", "t"])
+def test_cli_inference_record_and_table(tmp_path, capsys, monkeypatch):
+    from torch._inductor import freezing
+
+    frozen = []  # inductor's freeze() runs once per graph compiled with freezing
+    real_freeze = freezing.freeze
+    monkeypatch.setattr(freezing, "freeze", lambda *a, **k: frozen.append(1) or real_freeze(*a, **k))
+    record = cli.run([*TINY, "--candidates", "eager_nchw_fp32", "compile", "compile_freezing", "fusedres_torch",
+                      "fusedres_cuda", "cudnn_fused", "--out-dir", str(tmp_path), "--name", "t"])
     out = capsys.readouterr().out
     run = record["runs"][0]
     rows = _rows(run)
     # The yardstick always runs, even when not asked for.
     assert [r["key"] for r in run["candidates"]] == [
-        "eager_nchw_fp32", "eager_cl", "compile", "cudnn_fused", "fusedres_torch", "fusedres_cuda"]
+        "eager_nchw_fp32", "eager_cl", "compile", "compile_freezing", "cudnn_fused", "fusedres_torch", "fusedres_cuda"]
     built = not ext.load_error()  # the cuda backend runs the extension's C++ kernels on the CPU
-    for key in ("eager_nchw_fp32", "eager_cl", "compile", "fusedres_torch", *(("fusedres_cuda",) if built else ())):
+    for key in ("eager_nchw_fp32", "eager_cl", "compile", "compile_freezing", "fusedres_torch",
+                *(("fusedres_cuda",) if built else ())):
         row = rows[key]
         assert row["status"] == "ok", row
         assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"])
         assert row["parity"]["errors"]["logits"] <= row["parity"]["tolerance"]["logits"]
-        assert set(row["speedup"]) == {"eager_nchw_fp32", "eager_cl", "compile"}
-        if key != "compile":  # inductor's CPU allocations are invisible to the profiler: reported as None
+        assert set(row["speedup"]) == {"eager_nchw_fp32", "eager_cl", "compile", "compile_freezing"}
+        assert row["memory"]["peak_step_MiB"] is not None  # measured for compiled rows too (RSS)
+        if not key.startswith("compile"):
             assert row["memory"]["peak_step_MiB"] > 0
         assert row["label"] in out
     if not built:
         assert rows["fusedres_cuda"]["status"] == "unavailable"
         assert "fusedres._C" in rows["fusedres_cuda"]["reason"]
     assert rows["cudnn_fused"]["status"] == "unavailable"
-    assert rows["compile"]["first_call_s"] > 0
-    assert rows["compile"]["memory"]["peak_step_MiB"] is None
+    # The freezing row compiled its own, frozen graph (not the plain compile row's, which dynamo
+    # would reuse for an equal backend), and its compile time is printed under the table.
+    assert len(frozen) == 1
+    for key in ("compile", "compile_freezing"):
+        assert rows[key]["first_call_s"] > 0
+        assert "inductor_cache_files" in rows[key]["first_call_caches"]
+    first_call_line = next(line for line in out.splitlines() if line.startswith("first call"))
+    assert f"compile_freezing {rows['compile_freezing']['first_call_s']:.1f}" in first_call_line
     assert run["flops_per_image"] == pytest.approx(2 * 1.8e9 * (32 / 224) ** 2, rel=0.05)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["runs"][0]["candidates"][1]["times_ms"] == rows["eager_cl"]["times_ms"]
@@ -82,6 +96,70 @@ def test_cli_reports_a_wrong_candidate_as_failed_and_does_not_time_it(tmp_path, 
     assert rows["fusedres_torch"]["status"] == "failed"
     assert "parity" in rows["fusedres_torch"]["reason"]
     assert "times_ms" not in rows["fusedres_torch"]
+
+
+def _tiny_candidates(mode: str, device: str) -> dict:
+    work = Workload("resnet18", 1, "fp32", mode, 32, torch.device(device))
+    x, labels = torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)  # building moves nothing
+    return {c.key: c for c in build_candidates(build_model("resnet18"), work, x, labels, ALL_CANDIDATES)}
+
+
+def test_compile_freezing_is_the_cpu_inference_row():
+    cpu = _tiny_candidates("inference", "cpu")
+    assert cpu["compile_freezing"].unavailable is None
+    assert cpu["compile_freezing"].label == "compile default+freezing, CL fp32"
+    assert "GPU only" in cpu["compile_max_autotune"].unavailable
+    assert "inference only" in _tiny_candidates("training", "cpu")["compile_freezing"].unavailable
+    gpu = _tiny_candidates("inference", "cuda")  # on a GPU: as before, freezing is max-autotune's
+    assert "CPU only" in gpu["compile_freezing"].unavailable
+    assert gpu["compile_max_autotune"].unavailable is None
+
+
+def test_cli_freezing_row_cpu_info_and_no_profiler(tmp_path, capsys, monkeypatch):
+    """With torch.compile faked (a real compile takes tens of seconds): the freezing row asks for
+    freezing and makes its first call without autograd; the CPU memory is measured without
+    torch.profiler (its kineto backend prints to stderr); the JSON describes the CPU."""
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        def compiled(x):
+            calls.append({"kwargs": kwargs, "grad": torch.is_grad_enabled()})
+            return model(x)
+        return compiled
+
+    def no_profiler(*args, **kwargs):
+        raise AssertionError("torch.profiler must not run")
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.profiler, "profile", no_profiler)
+    monkeypatch.setattr(torch.autograd.profiler, "profile", no_profiler)
+    record = cli.run([*TINY, "--candidates", "compile_freezing", "--out-dir", str(tmp_path), "--name", "f",
+                      "--no-chart"])
+    out = capsys.readouterr().out
+    rows = _rows(record["runs"][0])
+    assert rows["compile_freezing"]["status"] == "ok", rows["compile_freezing"]
+    assert calls[0] == {"kwargs": {"options": {"freezing": True}}, "grad": False}
+    for row in rows.values():
+        assert row["memory"]["peak_step_MiB"] is not None and row["memory"]["peak_step_MiB"] >= 0
+        assert "RSS" in row["memory"]["method"]
+    assert "compile_freezing" in next(line for line in out.splitlines() if line.startswith("first call"))
+
+    env = json.loads((tmp_path / "f.json").read_text())["environment"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu_capability"] in out.splitlines()[0]
+    assert env["cpu_threads"] == torch.get_num_threads()
+    assert env["cpu"]
+    if Path("/proc/cpuinfo").exists():
+        flags = set(Path("/proc/cpuinfo").read_text().split("\n\n")[0].split())
+        assert env["cpu_flags"] == {f: f in flags for f in report.CPU_FLAGS}
+        assert {"avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile"} <= set(env["cpu_flags"])
+
+
+def test_peak_rss_growth_sees_a_new_allocation():
+    if measure.peak_rss_growth(lambda: None) is None:
+        pytest.skip("needs Linux with glibc")
+    grown = measure.peak_rss_growth(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MiB, touched
+    assert grown >= 48 * 2**20
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "0"], ["--model", "vgg16"], ["--dtype", "int8"]])

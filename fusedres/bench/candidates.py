@@ -4,6 +4,12 @@ Each candidate owns its model copy (and optimizer when training) and exposes `st
 one timed iteration: a forward pass under inference_mode, or forward + cross-entropy +
 backward + SGD step. Inference runs models cast to the chosen dtype; training runs fp32
 weights under autocast in the chosen dtype (AMP), as users train.
+
+torch.compile baselines: `compile` (default mode), `compile_freezing` (default mode with
+inductor freezing: weights become constants, so on the CPU they are prepacked for oneDNN
+once at compile time; inference on the CPU only, the strongest CPU baseline) and
+`compile_max_autotune` (max-autotune, with freezing for inference; GPU only: it autotunes
+CUDA kernels, and on the CPU its GEMM autotuning takes long to compile for little gain).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import fusedres
 from fusedres.bench.cudnn_fused import CudnnFusedResNet
 from fusedres.bench.workload import Workload
 
-BASELINES: tuple[str, ...] = ("eager_nchw_fp32", "eager_cl", "compile", "compile_max_autotune", "cudnn_fused")
+BASELINES: tuple[str, ...] = ("eager_nchw_fp32", "eager_cl", "compile", "compile_freezing",
+                              "compile_max_autotune", "cudnn_fused")
 FUSEDRES_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cuda")  # "auto": the default, tuned per shape
 ALL_CANDIDATES: tuple[str, ...] = (*BASELINES, *(f"fusedres_{b}" for b in FUSEDRES_BACKENDS))
 YARDSTICK = "eager_cl"  # PyTorch's own error in the chosen dtype sets the parity tolerance
@@ -141,8 +148,9 @@ def build_candidates(model: nn.Module, work: Workload, x: torch.Tensor, labels: 
         m = copy.deepcopy(model).to(work.device).train(train)
         return Runner(m, m, x, labels, work.mode, None, tf32_enabled=True if on_cuda else None)
 
-    def max_autotune_context():
-        # Freezing (constant-folding weights into the graph) applies to inference only.
+    def freezing_context():
+        # Freezing (constant-folding weights into the graph) applies to inference only. It is
+        # decided when inductor compiles, i.e. at the first call, which check() makes inside this.
         import torch._inductor.config as inductor_config
         return inductor_config.patch(freezing=not train)
 
@@ -157,9 +165,17 @@ def build_candidates(model: nn.Module, work: Workload, x: torch.Tensor, labels: 
         Candidate("eager_nchw_fp32", "eager NCHW fp32" + (" (TF32)" if on_cuda else ""), "baseline", eager_nchw),
         Candidate("eager_cl", f"eager channels_last {dt}", "baseline", cl_runner(lambda m: m)),
         Candidate("compile", f"compile default, CL {dt}", "baseline", cl_runner(torch.compile)),
+        # On a GPU freezing stays in the max-autotune row: one more compile there costs minutes.
+        # Freezing goes in `options`, not only a config patch: dynamo reuses a graph compiled by an
+        # equal backend (same mode and options), which would hand this row the unfrozen one.
+        Candidate("compile_freezing", f"compile default+freezing, CL {dt}", "baseline",
+                  cl_runner(lambda m: torch.compile(m, options={"freezing": True})),
+                  "CPU only (on a GPU, freezing runs in compile max-autotune+freezing)" if on_cuda else
+                  "inference only (inductor freezes weights only with autograd off)" if train else None),
         Candidate("compile_max_autotune", f"compile max-autotune{'' if train else '+freezing'}, CL {dt}",
-                  "baseline", cl_runner(lambda m: torch.compile(m, mode="max-autotune"), max_autotune_context),
-                  None if on_cuda else "GPU only (autotuning targets CUDA kernels)"),
+                  "baseline", cl_runner(lambda m: torch.compile(m, mode="max-autotune"), freezing_context),
+                  None if on_cuda else "GPU only (autotuning targets CUDA kernels; on the CPU, see compile "
+                                       "default+freezing)"),
         Candidate("cudnn_fused", f"cuDNN conv+bias+add+relu (BN folded), CL {dt}", "baseline", cudnn_fused,
                   None if on_cuda and not train else
                   "inference on CUDA only (BN folds only with running statistics)"),

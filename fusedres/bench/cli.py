@@ -5,11 +5,18 @@
     fusedres-bench --model resnet18 --batch 64 128 --dtype fp16 --mode training
     fusedres-bench --candidates eager_cl compile fusedres_triton --repeats 10
 
+Baselines: eager NCHW fp32, eager channels_last, torch.compile default; for inference with
+inductor freezing (weights folded in as constants) "compile default+freezing" on the CPU and
+"compile max-autotune+freezing" on a GPU; cuDNN's own fusion (GPU inference).
+
 Every candidate is first checked against an fp32 reference (its logits, and when
 training its parameter gradients); one that fails is reported as failed and not timed.
 The rest are timed interleaved after warm-up; the table gives the median ms per
 iteration, the spread, images/s, the speedup over every baseline that ran, TFLOP/s, the
-fraction of the roofline (GPU), and the extra memory one step needs.
+fraction of the roofline (GPU), and the extra memory one step needs; the line below it
+gives the first call of the compile and fusedres rows (compilation and tuning, kept out of
+the timings). The JSON also records the machine: the card, or the CPU model, its ISA flags
+and the thread count.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
+import logging
 import os
 import sys
 import time
@@ -43,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--candidates", nargs="+", choices=ALL_CANDIDATES, default=list(ALL_CANDIDATES),
-                   help=f"rows to run (default: all; {YARDSTICK} always runs: it sets the parity tolerance)")
+                   help=f"rows to run (default: all; {YARDSTICK} always runs: it sets the parity tolerance; "
+                        "compile_freezing runs on the CPU for inference, compile_max_autotune on a GPU)")
     p.add_argument("--skip", nargs="+", choices=ALL_CANDIDATES, default=[], help="rows to leave out")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per candidate (median and spread)")
     p.add_argument("--warmup", type=int, help="untimed iterations per candidate (default: 3 GPU, 1 CPU)")
@@ -94,10 +104,20 @@ def _cache_state() -> dict:
             "after_in_process": list(_FUSEDRES_CHECKED)}
 
 
+def _inductor_cache_state() -> dict:
+    """Files in inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) before a compile row's first
+    call: with a warm cache its first_call_s is mostly loading, not compiling."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return {"inductor_cache_files": _count_files(Path(cache_dir()))}
+
+
 def _check(cand: Candidate) -> tuple[Runner | None, dict]:
     """Build and run a candidate once. Returns the runner and its result record so far.
 
-    first_call_s is the first forward (+ backward) through the built candidate: for fusedres
+    first_call_s is the first forward (+ backward) through the built candidate: for compile
+    rows it is dynamo tracing and inductor compilation (freezing included; less where
+    `first_call_caches` shows inductor's cache already filled); for fusedres
     rows it includes loading Triton, compiling and autotuning its kernels and the
     never-slower tuning, unless `first_call_caches` shows caches already filled (on disk, or
     in this process by the fusedres rows listed in after_in_process)."""
@@ -109,6 +129,8 @@ def _check(cand: Candidate) -> tuple[Runner | None, dict]:
         if cand.kind == "fusedres":
             row["first_call_caches"] = _cache_state()
             _FUSEDRES_CHECKED.append(cand.key)
+        elif cand.key.startswith("compile"):
+            row["first_call_caches"] = _inductor_cache_state()
         begin = time.perf_counter()
         logits, grads = runner.check()
         measure.sync(runner.x.device)
@@ -163,16 +185,14 @@ def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float
             row["status"] = "failed"
             row["reason"] = "parity: " + ", ".join(f"{k} error {errors[k]:.2e} > {tolerance[k]:.2e}" for k in errors)
             del runners[row["key"]]
+    # Rows that will not be timed have no warm-up or repeats: count them done, so the bar ends full.
+    progress.advance("parity checked", units=(1 + args.repeats) * (len(candidates) - len(runners)))
 
     times = measure.time_interleaved(runners, args.repeats, args.warmup, args.iters, work.device,
                                      lambda label: progress.advance(label))
     for row in rows:
         if row["key"] in runners:
-            if work.device.type == "cpu" and row["key"].startswith("compile"):
-                # Inductor's CPU code allocates through calls the profiler does not record.
-                row["memory"] = {"peak_step_MiB": None, "method": "not measurable for compiled code on the CPU"}
-            else:
-                row["memory"] = measure.peak_step_memory(runners[row["key"]], work.device)
+            row["memory"] = measure.peak_step_memory(runners[row["key"]], work.device)
         progress.advance(f"memory {row['key']}")
     progress.close()
 
@@ -210,10 +230,35 @@ def main(argv: list[str] | None = None) -> None:
     run(argv)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Import torch.utils.cpp_extension (inductor's CPU compile does) with its one import-time
+    warning dropped: on a machine without a GPU but with CUDA_HOME set it logs "No CUDA
+    runtime is found", which is true and harmless here. Its other messages still show."""
+    if torch.cuda.is_available() or "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropMessage("No CUDA runtime is found")
+    logger.addFilter(drop)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")  # a plain import would make `torch` local
+    finally:
+        logger.removeFilter(drop)
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv`, run every workload, print the tables, write JSON and PNG; return the record."""
     args = parse_args(argv)
     _defaults(args)
+    _import_cpp_extension_quietly()
     env = report.environment(args.device)
     device_name = env.get("card", "cpu")
     bandwidth = roofline.measure_copy_bandwidth(args.device)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +118,16 @@ def summarize(ms: list[float]) -> dict[str, float]:
 
 
 def peak_step_memory(runner: Runner, device: torch.device) -> dict[str, float | str | None]:
-    """Extra memory one step needs above what is allocated before it (activations, gradients,
+    """Extra memory one step needs above what is in use before it (activations, gradients,
     workspaces; model weights and optimizer state excluded).
 
-    GPU: the caching allocator's peak. CPU: the peak of PyTorch's own allocations and frees
-    recorded by the profiler (the process RSS is useless here: the C allocator keeps freed
-    memory, so after warm-up the RSS hardly moves).
+    GPU: the caching allocator's peak. CPU: how much the process's peak resident set grows
+    during the step, after malloc_trim has handed the C allocator's free pages back to the
+    OS (without that, freed memory stays resident and after warm-up the RSS hardly moves).
+    It sees every allocation (PyTorch's, oneDNN's, inductor-compiled code's) and needs no
+    profiler (torch.profiler starts kineto, which prints to stderr). Linux with glibc only;
+    elsewhere (or with another malloc preloaded, which malloc_trim does not reach) None or
+    an undercount.
     """
     if device.type == "cuda":
         sync(device)
@@ -129,18 +137,36 @@ def peak_step_memory(runner: Runner, device: torch.device) -> dict[str, float | 
         sync(device)
         return {"peak_step_MiB": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
                 "method": "torch.cuda.max_memory_allocated - allocated before the step"}
-    from torch.profiler import ProfilerActivity, profile
+    grown = peak_rss_growth(runner.step)
+    if grown is None:
+        return {"peak_step_MiB": None, "method": "not measured: needs Linux (/proc/self/clear_refs) and glibc"}
+    return {"peak_step_MiB": grown / 2**20,
+            "method": "peak RSS (VmHWM) growth during the step, after gc and malloc_trim(0)"}
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        runner.step()
-    deltas = []  # allocations are charged to the op that made them, frees are "[memory]" events
-    for event in prof.events():
-        if event.name == "[memory]":
-            deltas.append((event.time_range.start, event.cpu_memory_usage))
-        elif event.self_cpu_memory_usage:
-            deltas.append((event.time_range.start, event.self_cpu_memory_usage))
-    current = peak = 0
-    for _, delta in sorted(deltas, key=lambda d: d[0]):
-        current += delta
-        peak = max(peak, current)
-    return {"peak_step_MiB": peak / 2**20, "method": "torch.profiler CPU allocations: peak of allocated - freed"}
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (given there in kB), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> int | None:
+    """Bytes by which the process's peak RSS grows while `fn()` runs; None where the peak
+    cannot be reset (not Linux) or freed memory cannot be released first (no glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    gc.collect()
+    malloc_trim(0)  # free heap pages go back to the OS: reusing them in fn() shows in the RSS again
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
+        before = _status_bytes("VmHWM")
+    except OSError:
+        return None
+    fn()
+    return max(_status_bytes("VmHWM") - before, 0)

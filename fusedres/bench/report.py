@@ -16,6 +16,7 @@ SPEEDUP_COLUMNS = {  # baseline key -> column title
     "eager_nchw_fp32": "vs NCHW",
     "eager_cl": "vs eager",
     "compile": "vs comp",
+    "compile_freezing": "vs frz",
     "compile_max_autotune": "vs m-a",
     "cudnn_fused": "vs cuDNN",
 }
@@ -28,15 +29,38 @@ def _run(cmd: list[str]) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+# The /proc/cpuinfo flags that change which CPU kernels run (oneDNN, inductor's C++ code).
+CPU_FLAGS: tuple[str, ...] = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # one processor is enough: the flags are the same on every core
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return info
+
+
+def cpu_description() -> dict:
+    """The CPU model, its ISA flags and the threads PyTorch uses, so that CPU numbers from
+    different machines are never compared unawares."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {
+        "cpu": info.get("model name") or platform.processor() or "unknown",
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS} if flags else None,  # None: no /proc/cpuinfo
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ATen kernels dispatched to
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_logical_cores": os.cpu_count(),
+    }
 
 
 def environment(device: torch.device) -> dict:
@@ -56,8 +80,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
-        "cpu": _cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
+        **cpu_description(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("FUSEDRES_", "TRITON_", "TORCH_"))},
     }
     if device.type == "cuda":
@@ -72,7 +95,10 @@ def environment(device: torch.device) -> dict:
 
 
 def device_label(env: dict) -> str:
-    return env.get("card") or f"{env['cpu']} ({env['cpu_threads']} threads)"
+    if env.get("card"):
+        return env["card"]
+    isa = f", {env['cpu_capability']}" if env.get("cpu_capability") else ""
+    return f"{env['cpu']} ({env['cpu_threads']} threads{isa})"
 
 
 def format_table(run: dict) -> str:
@@ -97,6 +123,11 @@ def format_table(run: dict) -> str:
         line += f"{r['tflops']:>9.2f}{(f'{roof:.0%}' if roof is not None else '-'):>6}"
         line += f"{(f'{mem:.0f}' if mem is not None else '-'):>9}  {_parity_text(r['parity'])}"
         lines.append(line)
+    # Compilation happens in the untimed first call: say what it cost.
+    first = [f"{r['key']} {r['first_call_s']:.1f}" for r in rows
+             if "first_call_s" in r and (r["key"].startswith("compile") or r["kind"] == "fusedres")]
+    if first:
+        lines.append("first call, s (compilation and tuning, not in the times above): " + ", ".join(first))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 _SHORT = {"eager_nchw_fp32": "NCHW", "eager_cl": "eager", "compile": "compile",
-          "compile_max_autotune": "max-autotune", "cudnn_fused": "cuDNN"}
+          "compile_freezing": "compile+freezing", "compile_max_autotune": "max-autotune", "cudnn_fused": "cuDNN"}
 
 
 def _files(args: list[str]) -> list[Path]:
@@ -34,7 +34,8 @@ def _first_call(c: dict) -> str:
     if "first_call_s" not in c:
         return ""
     warm = c.get("first_call_caches", {})
-    state = "warm" if warm.get("triton_cache_files") or warm.get("tuner_cache_files") else "cold"
+    filled = warm.get("triton_cache_files") or warm.get("tuner_cache_files") or warm.get("inductor_cache_files")
+    state = "warm" if filled else "cold"
     after = f", after {'+'.join(warm['after_in_process'])}" if warm.get("after_in_process") else ""
     return f"  first call {c['first_call_s']:.1f} s ({state} caches{after})" if warm else \
         f"  first call {c['first_call_s']:.1f} s"
@@ -227,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if "runs" in record:
             env = record["environment"]
-            print(f"== {path.name}: {env.get('card') or env.get('cpu')} | torch {env['torch']}")
+            machine = env.get("card") or env.get("cpu")
+            if not env.get("card") and env.get("cpu_capability"):  # CPU numbers depend on the ISA and threads
+                machine += f" ({env['cpu_threads']} threads, {env['cpu_capability']})"
+            print(f"== {path.name}: {machine} | torch {env['torch']}")
             print("\n".join(cli_table(record)))
         elif "rows" in record and "copy_bandwidth_GBps" in record:
             print(f"== {path.name}: fusedres._C kernels vs PyTorch ops, {record['device']}, {record['dtype']}, "
