@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from fusedres import ops
+from fusedres import cpu_plan, ops
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
-from fusedres.folding import FoldCache, uses_batch_stats
+from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
 
 
 class Projection(NamedTuple):
@@ -187,6 +187,11 @@ class FusedBlockMixin:
         self._check_input(x)
         backend = resolve_backend_name(self.backend)
         dtype = self._compute_dtype(x)
+        if cpu_plan.applies(x, backend, dtype):
+            plan = self._cpu_plan(dtype)
+            out = None if plan is None else plan(x)
+            if out is not None:
+                return out
         if self._runs_as_train_chain(x):
             return self._train_chain(x, backend, dtype)
         out = x
@@ -197,6 +202,35 @@ class FusedBlockMixin:
         conv_name, bn_name = last
         return self._conv_bn(conv_name, out, getattr(self, conv_name), getattr(self, bn_name), relu=True,
                              backend=backend, dtype=dtype, shortcut=self._shortcut(x))
+
+    def _cpu_plan(self, dtype: torch.dtype) -> cpu_plan.BlockPlan | None:
+        """The block as prepacked oneDNN calls (fusedres.cpu_plan), rebuilt when a fold's key
+        changes; None when a BN uses batch statistics."""
+        pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._conv_bn_names]
+        parts = split_projection(self.downsample) if self.downsample is not None else None
+        keyed = pairs if parts is None else [*pairs, parts[1:]]
+        if any(uses_batch_stats(bn) for _, bn in keyed):
+            return None
+        key = (dtype, id(self.downsample), *(cache_key(conv, bn, dtype) for conv, bn in keyed))
+        if None in key:
+            return None
+        plan = self._fold_cache.plan
+        if plan is None or plan.key != key:
+            plan = self._fold_cache.plan = self._build_cpu_plan(key, pairs, parts, dtype)
+        return plan
+
+    def _build_cpu_plan(self, key, pairs, parts, dtype) -> cpu_plan.BlockPlan:
+        folds = [fold(conv, bn, dtype) for conv, bn in pairs]
+        shortcut = cpu_plan.Shortcut()
+        if parts is not None:
+            pre, conv, bn = parts
+            weight, bias = fold(conv, bn, dtype)
+            shortcut = cpu_plan.Shortcut(pre=pre, conv=cpu_plan.packed_conv(conv, weight, None))
+            folds[-1] = (folds[-1][0], folds[-1][1] + bias)
+        elif self.downsample is not None:
+            shortcut = cpu_plan.Shortcut(module=self.downsample)
+        convs = [cpu_plan.packed_conv(conv, w, b) for (conv, _), (w, b) in zip(pairs, folds)]
+        return cpu_plan.BlockPlan(key, convs, shortcut, dtype, self.describe())
 
     def _runs_as_train_chain(self, x: torch.Tensor) -> bool:
         """Every BN (downsample's too) uses batch statistics, no conv has a bias, the batch

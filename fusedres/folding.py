@@ -1,9 +1,10 @@
 """Eval-mode BatchNorm folding and its cache.
 
 Folded weights are a cache, never a second source of truth: each entry is keyed by the
-identity, storage, version counter, device and dtype of every tensor it was computed
-from, so in-place edits, load_state_dict, optimizer steps, .to() and .half() all
-rebuild it. (Writes made through `tensor.data` bypass version counters; after such a
+identity, storage address, version counter and dtype of every tensor it was computed
+from and of the BN's batch counter (a move to another device, layout or shape gives new
+storage), so in-place edits, load_state_dict, optimizer steps, train-mode forwards, .to()
+and .half() all rebuild it. (Writes made through `tensor.data` bypass version counters; after such a
 write, call `fusedres.clear_fold_cache(model)`.)
 
 The cache is used only when autograd is off (torch.no_grad / torch.inference_mode).
@@ -13,6 +14,8 @@ graph, where inductor constant-folds it (e.g. with freezing).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -25,7 +28,8 @@ def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None or bn.running_var is None
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight (in `dtype`) and bias (float32, float64 for float64) with `bn`'s running statistics folded in."""
     weight, bias = reference.fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                                      bn.running_var, bn.eps)
     return weight.to(dtype), bias
@@ -34,22 +38,48 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torc
 def _tensor_key(t: torch.Tensor | None) -> tuple | None:
     if t is None:
         return None
-    return (id(t), t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride())
+    return (id(t), t.data_ptr(), t._version, t.dtype)
 
 
-def _cache_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple:
-    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return (dtype, float(bn.eps), *(_tensor_key(t) for t in tensors))
+_warned_inference_params = False
+
+
+def cache_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple | None:
+    """What a folded weight depends on: equal keys mean the cached fold is still right.
+    None when a parameter is an inference tensor (made under torch.inference_mode): it has
+    no version counter, so nothing can tell when it changes and nothing may be cached.
+    (Read from the modules' registries, not through nn.Module.__getattr__: this runs on
+    every eval call, and at batch 1 its cost shows.)"""
+    params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+    # num_batches_tracked too: nn.BatchNorm2d's training forward updates the running stats
+    # inside the batch_norm kernel, which leaves their version counters alone, and counts the
+    # batch with an in-place add, which does not.
+    tensors = (params.get("weight"), params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
+               buffers.get("running_mean"), buffers.get("running_var"), buffers.get("num_batches_tracked"))
+    try:
+        return (dtype, bn.eps, *(_tensor_key(t) for t in tensors))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        global _warned_inference_params
+        if not _warned_inference_params:
+            _warned_inference_params = True
+            warnings.warn("fusedres: the model's parameters are inference tensors (made or converted under "
+                          "torch.inference_mode), which have no version counter: BN is folded again on every "
+                          "call instead of cached. Build and convert the model outside inference_mode.",
+                          RuntimeWarning, stacklevel=4)
+        return None
 
 
 class FoldCache:
-    """Folded (weight, bias) per conv/BN pair of one block."""
+    """Folded (weight, bias) per conv/BN pair of one block, and the block's CPU plan
+    (`fusedres.cpu_plan`: the same folds, prepacked; it carries its own key)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self.plan = None
 
     def clear(self) -> None:
         self._entries.clear()
+        self.plan = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,12 +88,14 @@ class FoldCache:
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv weight (in `dtype`) and bias (float32, float64 for float64) with `bn` folded in."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return _fold(conv, bn, dtype)
-        key = _cache_key(conv, bn, dtype)
+            return fold(conv, bn, dtype)
+        key = cache_key(conv, bn, dtype)
+        if key is None:
+            return fold(conv, bn, dtype)
         entry = self._entries.get(name)
         if entry is not None and entry[0] == key:
             return entry[1], entry[2]
-        weight, bias = _fold(conv, bn, dtype)
+        weight, bias = fold(conv, bn, dtype)
         self._entries[name] = (key, weight, bias)
         return weight, bias
 
@@ -76,3 +108,4 @@ class FoldCache:
 
     def __setstate__(self, state: dict) -> None:
         self._entries = {}
+        self.plan = None

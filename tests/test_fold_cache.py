@@ -18,21 +18,26 @@ def _pair():
 
 
 def _cache_entries(model):
-    return sum(len(m._fold_cache) for m in model.modules() if isinstance(m, fusedres.BasicBlock))
+    """Cached folds: per-conv entries of the op path, plus one per block CPU plan (fusedres.cpu_plan)."""
+    return sum(len(m._fold_cache) + (m._fold_cache.plan is not None)
+               for m in model.modules() if isinstance(m, fusedres.BasicBlock))
 
 
 def _assert_fresh(model, x):
-    """Cached eval output equals a from-scratch (uncached, autograd-on) computation."""
+    """Cached eval output equals a from-scratch computation: the same path with an empty cache
+    (a deep copy starts empty) and, in float32, the autograd-on path (folding recomputed)."""
     with torch.no_grad():
         cached = model(x)
-    uncached = model(x).detach()  # autograd on: folding is recomputed, never cached
-    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached, copy.deepcopy(model)(x), rtol=0, atol=0)
+    if x.dtype == torch.float32:
+        uncached = model(x).detach()  # autograd on: folding is recomputed, never cached
+        torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
     return cached
 
 
 def test_cache_is_filled_and_reused():
     model, x = _pair()
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # the op path, not the CPU plan
         model(x)
     assert _cache_entries(model) == 8 * 2 + 3  # two convs per block plus three projections
     block = model.layer1[0]
@@ -42,7 +47,23 @@ def test_cache_is_filled_and_reused():
         assert block._fold_cache.folded("conv1", block.conv1, block.bn1, torch.float32)[0] is weight_before
 
 
-@pytest.mark.parametrize("edit", ["conv_weight", "bn_weight", "bn_bias", "running_mean", "running_var", "eps"])
+def test_cpu_plan_is_built_once_and_reused():
+    model, x = _pair()
+    with torch.no_grad():
+        model(x)
+        plans = [m._fold_cache.plan for m in model.modules() if isinstance(m, fusedres.BasicBlock)]
+        assert all(p is not None for p in plans) and len(plans) == 8
+        packed = plans[0].convs[0].packed_weight(tuple(x.shape[:1]) + (64, 8, 8))
+        model(x)
+        assert [m._fold_cache.plan for m in model.modules() if isinstance(m, fusedres.BasicBlock)] == plans
+        assert plans[0].convs[0].packed_weight(tuple(x.shape[:1]) + (64, 8, 8)) is packed
+        stem_plan = model._fusedres_stem_cache.plan
+        model(x)
+        assert model._fusedres_stem_cache.plan is stem_plan
+
+
+@pytest.mark.parametrize("edit", ["conv_weight", "bn_weight", "bn_bias", "running_mean", "running_var", "eps",
+                                  "stem_conv", "stem_bn"])
 def test_in_place_edits_invalidate(edit):
     model, x = _pair()
     before = _assert_fresh(model, x)
@@ -58,6 +79,10 @@ def test_in_place_edits_invalidate(edit):
             block.bn2.running_mean.add_(0.5)
         elif edit == "running_var":
             block.bn1.running_var.mul_(2.0)
+        elif edit == "stem_conv":
+            model.conv1.weight.mul_(1.5)
+        elif edit == "stem_bn":
+            model.bn1.running_mean.add_(0.5)
         else:
             block.bn2.eps = 0.5
     after = _assert_fresh(model, x)
@@ -122,6 +147,7 @@ def test_data_writes_need_clear_fold_cache():
     model, x = _pair()
     before = _assert_fresh(model, x)
     model.layer1[0].bn1.running_mean.data.add_(1.0)
+    model.bn1.running_var.data.mul_(2.0)
     fusedres.clear_fold_cache(model)
     after = _assert_fresh(model, x)
     assert not torch.allclose(before, after)
