@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fusedres import backends, models, ops, reference
+from fusedres import backends, models, ops, reference, stem
 from fusedres.backends import UnsupportedInputError
 from fusedres.blocks import BasicBlock, Bottleneck
 from fusedres.convert import convert, revert
@@ -30,3 +30,6 @@ def clear_fold_cache(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (BasicBlock, Bottleneck)):
             module._fold_cache.clear()
+        stem_cache = module.__dict__.get(stem.CACHE_ATTR)
+        if stem_cache is not None:
+            stem_cache.clear()

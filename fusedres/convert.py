@@ -15,6 +15,7 @@ from torchvision.models import resnet as tv_resnet
 
 from fusedres.backends import check_backend_name
 from fusedres.blocks import BasicBlock, Bottleneck, FusedBlockMixin
+from fusedres.stem import fuse_stem, unfuse_stem
 
 _TORCHVISION_TO_FUSED: dict[type, type] = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}
 _FUSED_TO_TORCHVISION: dict[type, type] = {v: k for k, v in _TORCHVISION_TO_FUSED.items()}
@@ -134,7 +135,8 @@ def _replace_blocks(model: nn.Module, swap) -> tuple[nn.Module, list[str]]:
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
-    """Replace every torchvision / timm BasicBlock and Bottleneck in `model` with a fused block.
+    """Replace every torchvision / timm BasicBlock and Bottleneck in `model` with a fused block,
+    and fuse the stem (conv1 + bn1 + ReLU) of a torchvision or timm ResNet (fusedres.stem).
 
     The fused blocks share the original parameters and buffers. With `inplace=False`
     (the default) `model` is deep-copied first and left untouched.
@@ -143,6 +145,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if not inplace:
         model = copy.deepcopy(model)
     model, skipped = _replace_blocks(model, lambda m: _to_fused(m, backend))
+    for module in model.modules():
+        fuse_stem(module, backend)
     if skipped:
         warnings.warn(f"fusedres.convert left {len(skipped)} block(s) unfused: " + " | ".join(skipped),
                       RuntimeWarning, stacklevel=2)
@@ -153,5 +157,7 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every fused block with the plain torchvision (or original timm) block."""
     if not inplace:
         model = copy.deepcopy(model)
+    for module in model.modules():
+        unfuse_stem(module)
     model, _ = _replace_blocks(model, lambda m: (_to_plain(m), []))
     return model

@@ -1,4 +1,4 @@
-"""ResNet constructors that mirror torchvision's, built from fused blocks.
+"""ResNet constructors that mirror torchvision's, built from fused blocks and a fused stem.
 
 Random initialisation only: nothing is downloaded. To use pretrained torchvision
 weights, load them with `model.load_state_dict(...)` (the keys are identical), or call
@@ -13,6 +13,7 @@ from torchvision.models.resnet import ResNet
 
 from fusedres.backends import check_backend_name
 from fusedres.blocks import BasicBlock, Bottleneck, FusedBlockMixin
+from fusedres.stem import fuse_stem
 
 __all__ = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -30,6 +31,7 @@ def _resnet(block: type, layers: list[int], backend: str, kwargs: dict[str, Any]
     for module in model.modules():
         if isinstance(module, FusedBlockMixin):
             module.backend = backend
+    fuse_stem(model, backend)
     return model
 
 
