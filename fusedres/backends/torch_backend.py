@@ -10,7 +10,12 @@ with the same folded weights:
   or projection shortcut), the "cuDNN with the best fusion" that the triton backend must beat.
 
 Both fused ReLUs map NaN to 0 where torch.relu keeps it, so inputs with a NaN or an Inf
-take the reference path (one summing pass per input to find out, one host sync on CUDA).
+take the reference path: one summing pass per activation input to find out (one host sync
+on CUDA, and the reference path while a CUDA graph is being captured), while a weight is
+checked once per version of it (the folded weights are cached tensors). With
+FUSEDRES_CHECK_FINITE=0 there is no check, no sync, and the cuDNN path can be captured;
+a NaN or an Inf in an input may then come out as 0 after a fused ReLU. (On the CPU, eval
+blocks usually take `fusedres.cpu_plan`, whose check is one bound per block.)
 Everything else runs `fusedres.reference` as written.
 """
 
@@ -21,8 +26,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from fusedres import reference
+from fusedres import finite_guard, reference
 from fusedres.backends.base import Backend
 
 
@@ -52,6 +58,33 @@ def _all_finite(*tensors: torch.Tensor | None) -> bool:
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
+_weight_finite = WeakTensorKeyDictionary()  # weight -> (version, all finite)
+
+
+def _weights_finite(*weights: torch.Tensor | None) -> bool:
+    """All finite, summed once per weight version (a weight without a version counter,
+    an inference tensor, is summed every time)."""
+    for w in weights:
+        if w is None:
+            continue
+        try:
+            version = w._version
+        except RuntimeError:
+            if not _all_finite(w):
+                return False
+            continue
+        known = _weight_finite.get(w)
+        if known is None or known[0] != version:
+            known = _weight_finite[w] = (version, _all_finite(w))
+        if not known[1]:
+            return False
+    return True
+
+
+def _inputs_finite(x, weight, bias, residual, shortcut_x, shortcut_weight) -> bool:
+    return _weights_finite(weight, shortcut_weight) and _all_finite(x, bias, residual, shortcut_x)
+
+
 def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, *others: torch.Tensor | None) -> bool:
     if not (
         _MKLDNN_POINTWISE
@@ -64,7 +97,7 @@ def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, *others: torc
         return False
     # oneDNN's fused ReLU maps NaN to 0 where torch.relu keeps it: inputs with NaN or Inf
     # (which can make NaN inside the conv) take the reference path, so NaN propagates.
-    return not relu or _all_finite(x, weight, *others)
+    return not relu or not finite_guard.checks_enabled() or _inputs_finite(x, weight, *others)
 
 
 def _mkldnn_key(x, weight, stride, padding, dilation, groups, relu, other) -> tuple:
@@ -110,11 +143,13 @@ def _use_cudnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, with_z: bool, 
         and (x.dtype, with_z) not in _cudnn_failed
     ):
         return False
+    if not finite_guard.checks_enabled():
+        return True  # no check, no sync: capturable
     # The finiteness check syncs with the host, which a CUDA graph capture forbids: the
     # reference path is always right.
     if torch.cuda.is_current_stream_capturing():
         return False
-    return _all_finite(x, weight, *others)
+    return _inputs_finite(x, weight, *others)
 
 
 def _cudnn_conv_relu(x, weight, bias, stride, padding, dilation, groups, z=None):
@@ -149,7 +184,7 @@ class TorchBackend(Backend):
                                             padding, dilation, groups, shortcut_stride, relu)
             if out is not None:
                 return out
-        if not _use_mkldnn(x, weight, relu, residual, shortcut_x, shortcut_weight):
+        if not _use_mkldnn(x, weight, relu, bias, residual, shortcut_x, shortcut_weight):
             return reference.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride,
                                            padding, dilation, groups, shortcut_stride, relu)
         memory_format = reference.conv_output_memory_format(x, weight)
