@@ -192,6 +192,26 @@ class FusedBlockMixin:
             out = None if plan is None else plan(x)
             if out is not None:
                 return out
+        return self._general_forward(x, backend, dtype)
+
+    def forward_with_bound(self, x: torch.Tensor, bound: float | None) -> tuple[torch.Tensor, float | None]:
+        """forward(x) for a caller that knows |x| <= bound (fusedres.stem's chain of blocks, where
+        nothing touches a tensor between blocks): returns the output and a bound on it (None
+        where unknown), so the NaN/Inf guard need not read x."""
+        if self.unfusable_reasons():
+            return self(x), None
+        self._check_input(x)
+        backend = resolve_backend_name(self.backend)
+        dtype = self._compute_dtype(x)
+        if cpu_plan.applies(x, backend, dtype):
+            plan = self._cpu_plan(dtype)
+            if plan is not None:
+                out, out_bound = plan.run(x, bound)
+                if out is not None:
+                    return out, out_bound
+        return self._general_forward(x, backend, dtype), None
+
+    def _general_forward(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
         if self._runs_as_train_chain(x):
             return self._train_chain(x, backend, dtype)
         out = x

@@ -14,14 +14,16 @@ call what oneDNN must do and little else:
   output.
 
 float32, bfloat16 and float16 (where this oneDNN build supports them) run here, in
-channels_last: an NCHW input is converted once on entry and the output converted back,
-so the layout the block returns is the one PyTorch's convolution would give.
+channels_last; an NCHW input is converted once on entry and the output converted back
+(NCHW float32 with activations larger than its weights instead runs NCHW with the plain
+folded weights: ATen's layout copies cost more there than oneDNN's own reorders), so the
+layout the block returns is PyTorch's.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from torch import nn
 from fusedres import ext, finite_guard, reference
 from fusedres.backends.torch_backend import _MKLDNN_POINTWISE
 
+logger = logging.getLogger("fusedres")
 _PACKED_SHAPES = 4  # prepacked weights kept per conv (one per input shape seen; oldest dropped)
 
 
@@ -101,9 +104,11 @@ class PackedConv:
             self._packed[shape] = weight
         return weight
 
-    def __call__(self, x: torch.Tensor, relu: bool, other: torch.Tensor | None = None) -> torch.Tensor:
-        """relu?(conv(x) + bias (+ other)), x channels_last in the weight's dtype."""
-        weight = self.packed_weight(tuple(x.shape))
+    def __call__(self, x: torch.Tensor, relu: bool, other: torch.Tensor | None = None,
+                 dense: bool = False) -> torch.Tensor:
+        """relu?(conv(x) + bias (+ other)), x in the weight's dtype: channels_last with the
+        prepacked weight, or (dense=True) NCHW float32 with the plain weight, in NCHW out."""
+        weight = self.weight if dense else self.packed_weight(tuple(x.shape))
         pointwise = torch.ops.mkldnn._convolution_pointwise
         if other is None:
             return pointwise(x, weight, self.bias, *self.conv_args, "relu" if relu else "none", [], "")
@@ -140,42 +145,60 @@ class BlockPlan:
         self.channels_last_weights = any(reference.suggest_memory_format(c.weight) == torch.channels_last
                                          for c in convs)
         self._refused: set[tuple[int, ...]] = set()
+        self.weight_numel = sum(c.weight.numel() for c in convs) + (
+            shortcut.conv.weight.numel() if shortcut.conv is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """The block's output, or None where the caller must take the general path (an input
-        whose bounds allow a NaN, or a shape this oneDNN build refused)."""
+        whose bounds allow a NaN, or a shape this oneDNN build refused). The output carries
+        its bound (finite_guard.remember) for the next block."""
+        out, bound = self.run(x)
+        if out is not None and bound is not None:
+            finite_guard.remember(out, bound)
+        return out
+
+    def run(self, x: torch.Tensor, known_bound: float | None = None) -> tuple[torch.Tensor | None, float | None]:
+        """(output or None as in __call__, a bound on |output| or None when unchecked).
+        `known_bound` is a bound on |x| the caller vouches for (fusedres.stem chains them)."""
         shape = tuple(x.shape)
         if self._refused and shape in self._refused:
-            return None
+            return None, None
         checking = finite_guard.checks_enabled()
         bound = 0.0
         if checking:
-            bound, remembered = finite_guard.input_bound(x)
+            if known_bound is not None:
+                bound, remembered = known_bound, True
+            else:
+                bound, remembered = finite_guard.input_bound(x)
             if remembered and not self._within_limit(bound):
                 bound = finite_guard.max_abs(x)  # a loose remembered bound: measure the real one
             if not self._within_limit(bound):
-                return None
+                return None, None
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        xc = x if channels_last else x.contiguous(memory_format=torch.channels_last)
+        # NCHW float32 with large activations stays NCHW: ATen's layout copies there cost more
+        # than oneDNN's own reorders inside the call plus a reorder of the plain weights (when
+        # the input has over 4 elements per weight element, measured on ResNet-18/50 blocks).
+        # 16-bit dtypes always convert: oneDNN's fused add+ReLU there needs channels_last.
+        dense = not channels_last and x.dtype == torch.float32 and x.is_contiguous() \
+            and not self.channels_last_weights and x.numel() > 4 * self.weight_numel
+        xc = x if channels_last or dense else x.contiguous(memory_format=torch.channels_last)
         try:
-            residual, residual_bound = self._residual(xc, bound, checking)
+            residual, residual_bound = self._residual(xc, bound, checking, dense)
             if checking and not self._peak_bound(bound, residual_bound) < self.limit:
-                return None
+                return None, None
             out = xc
             for conv in self.convs[:-1]:
-                out = conv(out, relu=True)
-            out = self.convs[-1](out, relu=True, other=residual)
+                out = conv(out, relu=True, dense=dense)
+            out = self.convs[-1](out, relu=True, other=residual, dense=dense)
         except RuntimeError as e:  # e.g. torch 2.11's oneDNN and a 3x3 channels_last weight on a 1x1 map
+            # Logged, not warned: the general path warns itself if its oneDNN call refuses too.
             self._refused.add(shape)
-            warnings.warn(f"fusedres: {self.where}: oneDNN's prepacked convolution failed for input {shape} "
-                          f"({str(e).splitlines()[0]}); this shape takes the general path from now on",
-                          RuntimeWarning, stacklevel=4)
-            return None
+            logger.info("%s: oneDNN's prepacked convolution failed for input %s (%s); this shape takes the "
+                        "general path from now on", self.where, shape, str(e).splitlines()[0])
+            return None, None
         if not channels_last and not self.channels_last_weights:
             out = out.contiguous()
-        if checking:
-            finite_guard.remember(out, self._output_bound(bound, residual_bound))
-        return out
+        return out, (self._output_bound(bound, residual_bound) if checking else None)
 
     def _within_limit(self, bound: float) -> bool:
         return self._peak_bound(bound, 0.0) < self.limit
@@ -193,15 +216,17 @@ class BlockPlan:
             peak = max(peak, bound)
         return max(peak, bound + residual_bound)
 
-    def _residual(self, x: torch.Tensor, bound: float, checking: bool) -> tuple[torch.Tensor, float]:
+    def _residual(self, x: torch.Tensor, bound: float, checking: bool,
+                  dense: bool) -> tuple[torch.Tensor, float]:
         shortcut = self.shortcut
+        layout = torch.contiguous_format if dense else torch.channels_last
         if shortcut.module is not None:
-            residual = shortcut.module(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            residual = shortcut.module(x).to(self.dtype).contiguous(memory_format=layout)
             return residual, (finite_guard.max_abs(residual) if checking else 0.0)
         if shortcut.conv is None:
             return x, bound
         for module in shortcut.pre:
             x = module(x)
         pre_bound = finite_guard.max_abs(x) if checking and shortcut.pre else bound
-        residual = shortcut.conv(x.contiguous(memory_format=torch.channels_last), relu=False)
+        residual = shortcut.conv(x.contiguous(memory_format=layout), relu=False, dense=dense)
         return residual, shortcut.conv.bound(pre_bound)

@@ -14,6 +14,11 @@ or renamed, so parameters, buffers and state_dict keys are the model's own, and
 
 Forward hooks on conv1, bn1 and the ReLU do not fire on the fused paths, as on a fused
 block's own convolutions.
+
+On the CPU plan the stem's NaN/Inf bound (fusedres.finite_guard: one reading pass of the
+image) is handed from block to block through layer1..layer4 (`_layers`), so the guard
+reads an activation again only where a chained bound has grown too loose; that needs each
+layer to be a hook-free Sequential of fused blocks (else the layers are called as usual).
 """
 
 from __future__ import annotations
@@ -44,66 +49,93 @@ def _stem_modules(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Modul
     return conv, bn, act
 
 
-def _fused_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """relu(bn1(conv1(x))), fused where the module doc says."""
+def _fused_stem(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """relu(bn1(conv1(x))), fused where the module doc says, and a bound on it (or None)."""
     conv, bn, act = _stem_modules(model)
     autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
     if uses_batch_stats(bn) or not isinstance(x, torch.Tensor) or x.dim() != 4 or (
             x.dtype != conv.weight.dtype and not autocast) or x.device != conv.weight.device:
-        return act(bn(conv(x)))  # training, or an input PyTorch's own error messages should name
+        return act(bn(conv(x))), None  # training, or an input PyTorch's own error messages should name
     backend = resolve_backend_name(model.__dict__.get(BACKEND_ATTR, "auto"))
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     cache = model.__dict__.get(CACHE_ATTR)
     if cache is None:
         cache = model.__dict__[CACHE_ATTR] = FoldCache()
     if not autocast and cpu_plan.applies(x, backend, dtype):
-        out = _planned(cache, conv, bn, x)
+        out, bound = _planned(cache, conv, bn, x)
         if out is not None:
-            return out
+            return out, bound
     weight, bias = cache.folded("conv1", conv, bn, dtype)
     return ops.conv_bias_act(x.to(dtype), weight, bias, None, None, None, list(conv.stride), list(conv.padding),
-                             list(conv.dilation), conv.groups, [1, 1], True, backend)
+                             list(conv.dilation), conv.groups, [1, 1], True, backend), None
 
 
-def _planned(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor | None:
+def _planned(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+             x: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
     key = cache_key(conv, bn, x.dtype)
     if key is None:
-        return None
+        return None, None
     entry = cache.plan
     if entry is None or entry[0] != key:
         entry = cache.plan = (key, cpu_plan.packed_conv(conv, *fold(conv, bn, x.dtype)))
     packed = entry[1]
-    checking = finite_guard.checks_enabled()
-    if checking:
+    bound = None
+    if finite_guard.checks_enabled():
         bound = packed.bound(finite_guard.max_abs(x))
         if not bound < finite_guard.limit(x.dtype):
-            return None
-    out = packed(x.contiguous(memory_format=torch.channels_last), relu=True)
-    if checking:
-        finite_guard.remember(out, bound)
-    return out
+            return None, None
+    return packed(x.contiguous(memory_format=torch.channels_last), relu=True), bound
 
 
-def _pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The stem's max pool, carrying the stem's bound (a max pool never raises |x|)."""
-    if torch.compiler.is_compiling():
-        return model.maxpool(x)
-    known = finite_guard.known_bound(x)
+def _pool(model: nn.Module, x: torch.Tensor, bound: float | None) -> tuple[torch.Tensor, float | None]:
+    """The stem's max pool, and its bound (a max pool never raises |x|)."""
     out = model.maxpool(x)
-    if known is not None and type(model.maxpool) is nn.MaxPool2d:
-        finite_guard.remember(out, known)
-    return out
+    return out, (bound if type(model.maxpool) is nn.MaxPool2d else None)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hook_free(module: nn.Module) -> bool:
+    """No hook can see or change what this module gets or returns."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _chainable(layer: nn.Module) -> bool:
+    """A Sequential of fused blocks that can be run block by block with bounds passed along:
+    no hooks anywhere (a hook could change a tensor between blocks)."""
+    from fusedres.blocks import FusedBlockMixin
+
+    if type(layer) is not nn.Sequential or not _hook_free(layer):
+        return False
+    return all(isinstance(b, FusedBlockMixin) and _hook_free(b) for b in layer)
+
+
+def _layers(layers: tuple[nn.Module, ...], x: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """layer4(layer3(layer2(layer1(x)))): on the CPU plan, block by block with each block's
+    output bound handed to the next, so the NaN/Inf guard reads an activation only where a
+    chained bound grows too loose (under inference_mode too, where tensors cannot carry one)."""
+    global_hooks = any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+    if bound is None or global_hooks or torch.compiler.is_compiling():
+        for layer in layers:
+            x = layer(x)
+        return x
+    for layer in layers:
+        if not _chainable(layer):
+            x, bound = layer(x), None
+            continue
+        for block in layer:
+            x, bound = block.forward_with_bound(x, bound)
+    return x
 
 
 class FusedResNet(tv_resnet.ResNet):
     """torchvision.models.ResNet with its stem fused (fusedres.stem); made by convert()."""
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pool(self, _fused_stem(self, x))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        x = _layers((self.layer1, self.layer2, self.layer3, self.layer4), *_pool(self, *_fused_stem(self, x)))
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
@@ -124,11 +156,8 @@ def _fused_timm_class() -> type:
             def forward_features(self, x: torch.Tensor) -> torch.Tensor:
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     return super().forward_features(x)
-                x = _pool(self, _fused_stem(self, x))
-                x = self.layer1(x)
-                x = self.layer2(x)
-                x = self.layer3(x)
-                return self.layer4(x)
+                layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+                return _layers(layers, *_pool(self, *_fused_stem(self, x)))
 
         FusedTimmResNet.__module__ = __name__
         _timm_class = FusedTimmResNet

@@ -68,6 +68,24 @@ def test_plan_matches_torchvision(kind, inplanes, planes, stride, dtype, channel
     assert our_error <= 2 * torch_error + 4 * torch.finfo(dtype).eps, (our_error, torch_error)
 
 
+@pytest.mark.parametrize("kind,inplanes,planes,stride", CASES)
+def test_nchw_float32_with_large_activations_runs_nchw(kind, inplanes, planes, stride, monkeypatch):
+    """Input elements > 4x weight elements: NCHW oneDNN calls with the plain weights, no layout copies."""
+    reference, fused = make_pair(kind, inplanes, planes, stride, dtype=torch.float32)
+    reference.eval()
+    fused.eval()
+    x = torch.randn(3, inplanes, 40, 36)
+    modes = []
+    original = cpu_plan.PackedConv.__call__
+    monkeypatch.setattr(cpu_plan.PackedConv, "__call__",
+                        lambda self, *a, dense=False, **k: modes.append(dense) or original(self, *a, dense=dense, **k))
+    with torch.no_grad():
+        expected, actual = reference(x), fused(x)
+    assert modes and all(modes)
+    assert actual.is_contiguous() and actual.stride() == expected.stride()
+    assert_close_scaled(actual, expected, 1e-5, "output")
+
+
 def test_plan_is_not_used_with_autograd_or_an_explicit_other_backend(monkeypatch):
     _, fused = make_pair("basic", 8, 8, dtype=torch.float32)
     fused.eval()
@@ -144,18 +162,18 @@ def test_check_finite_off_skips_the_guard(monkeypatch):
     assert fused._fold_cache.plan is not None
 
 
-def test_a_refused_shape_warns_once_and_takes_the_general_path(monkeypatch):
+def test_a_refused_shape_is_logged_once_and_takes_the_general_path(monkeypatch, caplog):
     reference, fused = make_pair("bottleneck", 16, 8, 2, dtype=torch.float32)
     reference.eval()
     fused.eval()
     calls = CallCounter(lambda *a, **k: (_ for _ in ()).throw(RuntimeError("could not create a memory")))
     monkeypatch.setattr(cpu_plan.PackedConv, "__call__", lambda self, *a, **k: calls(*a, **k))
     x = torch.randn(2, 16, 6, 6)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with torch.no_grad(), caplog.at_level("INFO", logger="fusedres"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the general path's oneDNN call works: nothing to warn about
         first, second = fused(x), fused(x)
         expected = reference(x)
-    messages = [str(w.message) for w in caught if "prepacked" in str(w.message)]
+    messages = [r.getMessage() for r in caplog.records if "prepacked" in r.getMessage()]
     assert len(messages) == 1 and "(2, 16, 6, 6)" in messages[0]
     assert calls.calls == 1  # not retried
     for actual in (first, second):
@@ -260,6 +278,28 @@ def test_fused_resnet_trains_and_pickles_like_torchvision():
     model.eval()
     with torch.no_grad():
         assert_close_scaled(loaded(x), model(x), 1e-10, "logits")
+
+
+def test_fused_resnet_chains_bounds_under_inference_mode_unless_hooked(monkeypatch):
+    model = _resnet18()
+    fused = fusedres.convert(model)
+    measured = CallCounter(finite_guard.max_abs)
+    monkeypatch.setattr(finite_guard, "max_abs", measured)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = fused(x)
+        chained = measured.calls
+        assert 1 <= chained <= 3  # the image, and again only where a chained bound grew too loose
+        assert_close_scaled(out, model(x), 1e-5, "logits")
+
+        def poison(module, args, output):
+            output[0, 0, 0, 0] = float("nan")
+
+        handle = fused.layer2[0].register_forward_hook(poison)
+        poisoned = fused(x)
+        handle.remove()
+    assert measured.calls > 2 * chained  # layer2 ran block by block through module calls
+    assert torch.isnan(poisoned[0]).all() and not torch.isnan(poisoned[1]).any()
 
 
 def test_stem_nan_propagates_like_torchvision():
