@@ -147,6 +147,11 @@ class BlockPlan:
         self._refused: set[tuple[int, ...]] = set()
         self.weight_numel = sum(c.weight.numel() for c in convs) + (
             shortcut.conv.weight.numel() if shortcut.conv is not None else 0)
+        stride = 1
+        for c in convs:
+            stride *= c.conv_args[1][0] * c.conv_args[1][1]
+        # Output elements per input element: channels out / channels in, over the stride.
+        self.out_per_in = convs[-1].weight.shape[0] / (convs[0].weight.shape[1] * convs[0].conv_args[3] * stride)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """The block's output, or None where the caller must take the general path (an input
@@ -177,10 +182,10 @@ class BlockPlan:
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         # NCHW float32 with large activations stays NCHW: ATen's layout copies there cost more
         # than oneDNN's own reorders inside the call plus a reorder of the plain weights (when
-        # the input has over 4 elements per weight element, measured on ResNet-18/50 blocks).
-        # 16-bit dtypes always convert: oneDNN's fused add+ReLU there needs channels_last.
+        # input + output have over 4 elements per weight element, measured on ResNet-18/50
+        # blocks). 16-bit dtypes always convert: oneDNN's fused add+ReLU there needs channels_last.
         dense = not channels_last and x.dtype == torch.float32 and x.is_contiguous() \
-            and not self.channels_last_weights and x.numel() > 4 * self.weight_numel
+            and not self.channels_last_weights and x.numel() * (1 + self.out_per_in) > 4 * self.weight_numel
         xc = x if channels_last or dense else x.contiguous(memory_format=torch.channels_last)
         try:
             residual, residual_bound = self._residual(xc, bound, checking, dense)
