@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from fusedres import cpu_plan, ops
+from fusedres import cpu_plan, finite_guard, ops
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
@@ -184,15 +184,10 @@ class FusedBlockMixin:
         return ops.scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu, backend)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        backend = resolve_backend_name(self.backend)
-        dtype = self._compute_dtype(x)
-        if cpu_plan.applies(x, backend, dtype):
-            plan = self._cpu_plan(dtype)
-            out = None if plan is None else plan(x)
-            if out is not None:
-                return out
-        return self._general_forward(x, backend, dtype)
+        out, bound = self._fused_forward_bounded(x, None)
+        if bound is not None:
+            finite_guard.remember(out, bound)  # the next block need not read it (fusedres.finite_guard)
+        return out
 
     def forward_with_bound(self, x: torch.Tensor, bound: float | None) -> tuple[torch.Tensor, float | None]:
         """forward(x) for a caller that knows |x| <= bound (fusedres.stem's chain of blocks, where
@@ -200,6 +195,10 @@ class FusedBlockMixin:
         where unknown), so the NaN/Inf guard need not read x."""
         if self.unfusable_reasons():
             return self(x), None
+        return self._fused_forward_bounded(x, bound)
+
+    def _fused_forward_bounded(self, x: torch.Tensor, bound: float | None) -> tuple[torch.Tensor, float | None]:
+        """The fused forward, and a bound on its output where the CPU plan ran with checks on."""
         self._check_input(x)
         backend = resolve_backend_name(self.backend)
         dtype = self._compute_dtype(x)

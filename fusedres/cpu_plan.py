@@ -153,18 +153,11 @@ class BlockPlan:
         # Output elements per input element: channels out / channels in, over the stride.
         self.out_per_in = convs[-1].weight.shape[0] / (convs[0].weight.shape[1] * convs[0].conv_args[3] * stride)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The block's output, or None where the caller must take the general path (an input
-        whose bounds allow a NaN, or a shape this oneDNN build refused). The output carries
-        its bound (finite_guard.remember) for the next block."""
-        out, bound = self.run(x)
-        if out is not None and bound is not None:
-            finite_guard.remember(out, bound)
-        return out
-
     def run(self, x: torch.Tensor, known_bound: float | None = None) -> tuple[torch.Tensor | None, float | None]:
-        """(output or None as in __call__, a bound on |output| or None when unchecked).
-        `known_bound` is a bound on |x| the caller vouches for (fusedres.stem chains them)."""
+        """(the block's output, a bound on |output|, None when unchecked), or (None, None) where
+        the caller must take the general path (an input whose bounds allow a NaN, or a shape
+        this oneDNN build refused). `known_bound` is a bound on |x| the caller vouches for (a
+        remembered one, or fusedres.stem's chain); without one, x is read once."""
         shape = tuple(x.shape)
         if self._refused and shape in self._refused:
             return None, None
@@ -189,7 +182,8 @@ class BlockPlan:
         xc = x if channels_last or dense else x.contiguous(memory_format=torch.channels_last)
         try:
             residual, residual_bound = self._residual(xc, bound, checking, dense)
-            if checking and not self._peak_bound(bound, residual_bound) < self.limit:
+            peak, out_bound = self._bounds(bound, residual_bound)
+            if checking and not peak < self.limit:
                 return None, None
             out = xc
             for conv in self.convs[:-1]:
@@ -203,23 +197,20 @@ class BlockPlan:
             return None, None
         if not channels_last and not self.channels_last_weights:
             out = out.contiguous()
-        return out, (self._output_bound(bound, residual_bound) if checking else None)
+        return out, (out_bound if checking else None)
 
     def _within_limit(self, bound: float) -> bool:
-        return self._peak_bound(bound, 0.0) < self.limit
+        return self._bounds(bound, 0.0)[0] < self.limit
 
-    def _output_bound(self, bound: float, residual_bound: float) -> float:
-        for conv in self.convs:
-            bound = conv.bound(bound)
-        return bound + residual_bound
-
-    def _peak_bound(self, bound: float, residual_bound: float) -> float:
-        """The largest bound on any value the block computes (nan compares false: not within)."""
+    def _bounds(self, bound: float, residual_bound: float) -> tuple[float, float]:
+        """(the largest bound on any value the block computes, the bound on its output), given
+        |x| <= bound and |residual| <= residual_bound."""
         peak = max(bound, residual_bound)
         for conv in self.convs:
             bound = conv.bound(bound)
             peak = max(peak, bound)
-        return max(peak, bound + residual_bound)
+        out = bound + residual_bound
+        return max(peak, out), out
 
     def _residual(self, x: torch.Tensor, bound: float, checking: bool,
                   dense: bool) -> tuple[torch.Tensor, float]:

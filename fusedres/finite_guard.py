@@ -78,10 +78,10 @@ def max_abs(x: torch.Tensor) -> float:
         # overflows gives inf: the slower path, never a wrong answer.
         bound = math.sqrt(float(torch.dot(flat, flat)))
     else:
-        low, high = torch.aminmax(flat)  # the fastest reduction for 16-bit floats
-        bound = max(-float(low), float(high))
-        if math.isnan(float(low)) or math.isnan(float(high)):
+        low, high = (float(v) for v in torch.aminmax(flat))  # the fastest reduction for 16-bit floats
+        if math.isnan(low) or math.isnan(high):
             return math.inf
+        bound = max(-low, high)
     return bound if math.isfinite(bound) else math.inf
 
 

@@ -39,8 +39,8 @@ class CallCounter:
 
 
 def _plan_calls(monkeypatch) -> CallCounter:
-    counter = CallCounter(cpu_plan.BlockPlan.__call__)
-    monkeypatch.setattr(cpu_plan.BlockPlan, "__call__", lambda self, x: counter(self, x))
+    counter = CallCounter(cpu_plan.BlockPlan.run)
+    monkeypatch.setattr(cpu_plan.BlockPlan, "run", lambda self, *a: counter(self, *a))
     return counter
 
 
