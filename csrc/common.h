@@ -203,9 +203,13 @@ struct RunningStatsArgs {
   int64_t count;
 };
 
-inline RunningStatsArgs prepare_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
-                                              const at::Tensor& num_batches_tracked, const at::Tensor& mean,
-                                              const at::Tensor& var, int64_t count) {
+// Checks the running statistics and mean/var, bumps the running tensors' version counters (the
+// caller's kernel then writes them in place) and returns mean and var contiguous.
+inline RunningStatsArgs prepare_running_stats_and_bump_versions(const at::Tensor& running_mean,
+                                                                const at::Tensor& running_var,
+                                                                const at::Tensor& num_batches_tracked,
+                                                                const at::Tensor& mean, const at::Tensor& var,
+                                                                int64_t count) {
   const char* op = "ext_bn_update_running_stats";
   check_stats(mean, var, op);
   const int64_t c = mean.numel();

@@ -75,11 +75,28 @@ def split_projection(downsample: nn.Module | None) -> tuple[list[nn.Module], nn.
 
 
 class FusedBlockMixin:
-    """The fused forward shared by BasicBlock and Bottleneck."""
+    """The constructor and fused forward shared by BasicBlock and Bottleneck."""
 
     backend: str
     _fold_cache: FoldCache
     _conv_bn_names: tuple[tuple[str, str], ...]
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Any = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        """torchvision's constructor (the next class in the MRO), then `backend=`."""
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._init_fused(backend)
 
     def _init_fused(self, backend: str) -> None:
         self.backend = check_backend_name(backend)
@@ -307,22 +324,6 @@ class BasicBlock(FusedBlockMixin, tv_resnet.BasicBlock):
 
     _conv_bn_names = (("conv1", "bn1"), ("conv2", "bn2"))
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Any = None,
-        *,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
-        self._init_fused(backend)
-
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return tv_resnet.BasicBlock.forward(self, x)
 
@@ -332,24 +333,6 @@ class Bottleneck(FusedBlockMixin, tv_resnet.Bottleneck):
 
     _conv_bn_names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Any = None,
-        *,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
-        self._init_fused(backend)
-
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return tv_resnet.Bottleneck.forward(self, x)
 
-
-FUSED_BLOCKS: tuple[type[nn.Module], ...] = (BasicBlock, Bottleneck)

@@ -9,7 +9,7 @@ import torch
 import fusedres
 from fusedres import ext
 from fusedres.bench import cli, measure, report, roofline
-from fusedres.bench.candidates import ALL_CANDIDATES, Runner, build_candidates
+from fusedres.bench.candidates import ALL_CANDIDATES, YARDSTICK, Runner, build_candidates
 from fusedres.bench.cudnn_fused import CudnnFusedResNet, reference_ops
 from fusedres.bench.workload import Workload, block_stages, build_model
 
@@ -206,6 +206,36 @@ def test_parity_tolerance_follows_the_yardstick():
     assert measure.parity_tolerance("bf16", yard, yard) == {"logits": 3e-2, "grads": 4e-2}
     assert measure.parity_tolerance("fp32", {"logits": 0.0}, None) == {"logits": measure.YARDSTICK_CAP["fp32"]}
     assert not measure.passes({"logits": float("nan")}, {"logits": 1.0})
+
+
+def test_parity_gate_fails_a_row_beyond_the_yardstick_tolerance_and_drops_its_runner():
+    ref = measure.Reference(torch.tensor([[1.0, -2.0, 4.0]]), {})
+    rows = [{"key": YARDSTICK, "_outputs": (ref.logits * (1 + 1e-6), {})},
+            {"key": "close", "_outputs": (ref.logits * (1 + 1e-5), {})},  # within the fp32 floor, 1e-4
+            {"key": "wrong", "_outputs": (ref.logits * 1.01, {})},
+            {"key": "broken", "status": "error"}]  # never ran: no outputs, no runner
+    runners = {YARDSTICK: object(), "close": object(), "wrong": object()}
+    cli._gate_parity(rows, runners, ref, "fp32")
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "error"]
+    assert set(runners) == {YARDSTICK, "close"}
+    assert rows[0]["parity"]["tolerance"] == {"logits": measure.YARDSTICK_CAP["fp32"]}
+    assert rows[1]["parity"]["tolerance"] == {"logits": measure.PARITY_FLOOR["fp32"]}
+    assert rows[2]["reason"] == "parity: logits error 1.00e-02 > 1.00e-04"
+    assert not any("_outputs" in r for r in rows) and "parity" not in rows[3]
+
+
+def test_timed_rows_get_throughput_fractions_and_speedups_over_timed_baselines():
+    costs = cli._Costs(stages=[], flops_per_image=1e9, flops_per_iter=4e9, element_bytes=2, peak=8e12,
+                       roof_ips=400.0, copy_bandwidth=None)
+    rows = [{"key": "a", "kind": "baseline"}, {"key": "b", "kind": "fusedres"}, {"key": "c", "kind": "baseline"}]
+    cli._add_timings(rows, {"a": [20.0, 10.0, 30.0], "b": [5.0]}, 4, costs)  # c was not timed
+    cli._add_speedups(rows)
+    a, b, c = rows
+    assert a["summary"]["median_ms"] == 20.0 and a["img_per_s"] == 200.0
+    assert b["img_per_s"] == 800.0 and b["roofline_fraction"] == 2.0
+    assert b["tflops"] == pytest.approx(0.8) and b["compute_fraction"] == pytest.approx(0.1)
+    assert a["speedup"] == {"a": 1.0} and b["speedup"] == {"a": 4.0}
+    assert set(c) == {"key", "kind"}
 
 
 @pytest.mark.gpu

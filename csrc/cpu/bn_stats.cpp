@@ -57,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& mean, const
 void bn_update_running_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& num_batches_tracked, const at::Tensor& mean, const at::Tensor& var,
                                  std::optional<double> momentum, int64_t count) {
-  const RunningStatsArgs a = prepare_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count);
+  const RunningStatsArgs a =
+      prepare_running_stats_and_bump_versions(running_mean, running_var, num_batches_tracked, mean, var, count);
   int64_t* tracked = num_batches_tracked.data_ptr<int64_t>();
   *tracked += 1;
   AT_DISPATCH_FLOATING_TYPES(a.mean.scalar_type(), "ext_bn_update_running_stats", [&] {

@@ -170,7 +170,7 @@ void bn_update_running_stats_cuda(const at::Tensor& running_mean, const at::Tens
                                   const at::Tensor& num_batches_tracked, const at::Tensor& mean_in,
                                   const at::Tensor& var_in, std::optional<double> momentum, int64_t count) {
   const RunningStatsArgs a =
-      prepare_running_stats(running_mean, running_var, num_batches_tracked, mean_in, var_in, count);
+      prepare_running_stats_and_bump_versions(running_mean, running_var, num_batches_tracked, mean_in, var_in, count);
   const c10::cuda::CUDAGuard guard(a.mean.device());
   const int64_t C = a.mean.numel();
   // count / (count - 1) in double, as Python computes it before scaling var.

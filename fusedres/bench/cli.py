@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +38,7 @@ from fusedres.backends import UnsupportedInputError
 from fusedres.bench import measure, report, roofline
 from fusedres.bench.candidates import ALL_CANDIDATES, YARDSTICK, Candidate, Runner, build_candidates
 from fusedres.bench.progress import Progress
-from fusedres.bench.workload import DTYPES, MODELS, MODES, Workload, block_stages, build_model, make_batch
+from fusedres.bench.workload import DTYPES, MODELS, MODES, Stage, Workload, block_stages, build_model, make_batch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,10 +144,20 @@ def _check(cand: Candidate) -> tuple[Runner | None, dict]:
     return runner, row
 
 
-def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float | None,
-                 device_name: str) -> dict:
-    model = build_model(work.model, args.seed)
-    x, labels = make_batch(work, args.seed + 1)
+class _Costs(NamedTuple):
+    """One workload's arithmetic: its FLOPs, and the roofline its rows are measured against."""
+
+    stages: list[Stage]
+    flops_per_image: float
+    flops_per_iter: float
+    element_bytes: int
+    peak: float | None  # the card's peak FLOP/s in the workload's dtype (None: unknown)
+    roof_ips: float | None  # roofline images/s (inference only)
+    copy_bandwidth: float | None
+
+
+def _workload_costs(model: torch.nn.Module, work: Workload, device_name: str,
+                    copy_bandwidth: float | None) -> _Costs:
     stages = block_stages(model, work.image_size)
     flops_per_image = sum(s.flops for s in stages)
     flops_per_iter = flops_per_image * work.batch * (3 if work.mode == "training" else 1)
@@ -154,13 +165,11 @@ def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float
     peak = roofline.peak_flops(device_name, work.dtype)
     roof_ips = roofline.roofline_images_per_second(stages, element_bytes, peak, copy_bandwidth) \
         if work.mode == "inference" else None
+    return _Costs(stages, flops_per_image, flops_per_iter, element_bytes, peak, roof_ips, copy_bandwidth)
 
-    wanted = tuple(k for k in args.candidates if k not in args.skip)
-    candidates = build_candidates(model, work, x, labels, wanted)
-    progress = Progress(3 * len(candidates) + args.repeats * len(candidates) + 1, enabled=not args.no_progress)
-    ref = measure.reference_outputs(model, work, x, labels)
-    progress.advance("fp32 reference")
 
+def _check_all(candidates: list[Candidate], progress: Progress) -> tuple[dict[str, Runner], list[dict]]:
+    """`_check` every candidate: the runners of those that ran, and every candidate's row."""
     runners: dict[str, Runner] = {}
     rows: list[dict] = []
     for cand in candidates:
@@ -169,15 +178,20 @@ def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float
         if runner is not None:
             runners[cand.key] = runner
         progress.advance(f"check {cand.key}")
+    return runners, rows
 
-    # Parity: the yardstick (eager channels_last in the same dtype) sets the tolerance.
+
+def _gate_parity(rows: list[dict], runners: dict[str, Runner], ref: measure.Reference, dtype: str) -> None:
+    """Compare every checked row's outputs with the fp32 reference; the yardstick (eager
+    channels_last in the same dtype) sets the tolerance. A row within it gets status "ok", one
+    beyond it "failed" with the reason, and its runner leaves `runners` (it is not timed)."""
     yard = next(r for r in rows if r["key"] == YARDSTICK)
     yard_errors = measure.relative_errors(*yard["_outputs"], ref) if "_outputs" in yard else None
     for row in rows:
         if "_outputs" not in row:
             continue
         errors = measure.relative_errors(*row.pop("_outputs"), ref)
-        tolerance = measure.parity_tolerance(work.dtype, errors, None if row["key"] == YARDSTICK else yard_errors)
+        tolerance = measure.parity_tolerance(dtype, errors, None if row["key"] == YARDSTICK else yard_errors)
         row["parity"] = {"errors": errors, "tolerance": tolerance}
         if measure.passes(errors, tolerance):
             row["status"] = "ok"
@@ -185,45 +199,86 @@ def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float
             row["status"] = "failed"
             row["reason"] = "parity: " + ", ".join(f"{k} error {errors[k]:.2e} > {tolerance[k]:.2e}" for k in errors)
             del runners[row["key"]]
-    # Rows that will not be timed have no warm-up or repeats: count them done, so the bar ends full.
-    progress.advance("parity checked", units=(1 + args.repeats) * (len(candidates) - len(runners)))
 
-    times = measure.time_interleaved(runners, args.repeats, args.warmup, args.iters, work.device,
-                                     lambda label: progress.advance(label))
+
+def _measure_memory(rows: list[dict], runners: dict[str, Runner], device: torch.device, progress: Progress) -> None:
     for row in rows:
         if row["key"] in runners:
-            row["memory"] = measure.peak_step_memory(runners[row["key"]], work.device)
+            row["memory"] = measure.peak_step_memory(runners[row["key"]], device)
         progress.advance(f"memory {row['key']}")
-    progress.close()
 
+
+def _add_timings(rows: list[dict], times: dict[str, list[float]], batch: int, costs: _Costs) -> None:
+    """Each timed row's times and what follows from them: summary, images/s, TFLOP/s, fractions."""
     for row in rows:
         if row["key"] not in times:
             continue
         row["times_ms"] = times[row["key"]]
         row["summary"] = s = measure.summarize(times[row["key"]])
-        row["img_per_s"] = work.batch * 1000 / s["median_ms"]
-        row["tflops"] = flops_per_iter / (s["median_ms"] / 1000) / 1e12
-        row["roofline_fraction"] = row["img_per_s"] / roof_ips if roof_ips else None
-        row["compute_fraction"] = row["tflops"] * 1e12 / peak if peak else None
+        row["img_per_s"] = batch * 1000 / s["median_ms"]
+        row["tflops"] = costs.flops_per_iter / (s["median_ms"] / 1000) / 1e12
+        row["roofline_fraction"] = row["img_per_s"] / costs.roof_ips if costs.roof_ips else None
+        row["compute_fraction"] = row["tflops"] * 1e12 / costs.peak if costs.peak else None
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """Each timed row's speedup over every timed baseline: the baseline's median / the row's."""
     base = {r["key"]: r["summary"]["median_ms"] for r in rows if "summary" in r and r["kind"] == "baseline"}
     for row in rows:
         if "summary" in row:
             row["speedup"] = {k: ms / row["summary"]["median_ms"] for k, ms in base.items()}
 
+
+def _release(runners: dict[str, Runner], device: torch.device) -> None:
+    """Drop the runners (models, optimizers, compiled code) before the next workload."""
     runners.clear()
     gc.collect()
-    if work.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _workload_record(work: Workload, args: argparse.Namespace, costs: _Costs, rows: list[dict]) -> dict:
     return {
         "workload": {"model": work.model, "batch": work.batch, "dtype": work.dtype, "mode": work.mode,
                      "image_size": work.image_size, "device": str(work.device), "description": work.describe()},
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "iters_per_repeat": args.iters},
-        "flops_per_image": flops_per_image,
-        "flops_per_iteration": flops_per_iter,
-        "roofline": {"images_per_s": roof_ips, "peak_flops": peak, "copy_bandwidth_Bps": copy_bandwidth,
-                     "bytes_per_image_block_fused": sum(s.elements_moved for s in stages) * element_bytes},
+        "flops_per_image": costs.flops_per_image,
+        "flops_per_iteration": costs.flops_per_iter,
+        "roofline": {"images_per_s": costs.roof_ips, "peak_flops": costs.peak,
+                     "copy_bandwidth_Bps": costs.copy_bandwidth,
+                     "bytes_per_image_block_fused": sum(s.elements_moved for s in costs.stages) * costs.element_bytes},
         "candidates": rows,
     }
+
+
+def run_workload(work: Workload, args: argparse.Namespace, copy_bandwidth: float | None,
+                 device_name: str) -> dict:
+    """Check every candidate against the fp32 reference, time those that pass (interleaved),
+    measure their memory, and return the workload's record."""
+    model = build_model(work.model, args.seed)
+    x, labels = make_batch(work, args.seed + 1)
+    costs = _workload_costs(model, work, device_name, copy_bandwidth)
+
+    wanted = tuple(k for k in args.candidates if k not in args.skip)
+    candidates = build_candidates(model, work, x, labels, wanted)
+    progress = Progress(3 * len(candidates) + args.repeats * len(candidates) + 1, enabled=not args.no_progress)
+    ref = measure.reference_outputs(model, work, x, labels)
+    progress.advance("fp32 reference")
+
+    runners, rows = _check_all(candidates, progress)
+    _gate_parity(rows, runners, ref, work.dtype)
+    # Rows that will not be timed have no warm-up or repeats: count them done, so the bar ends full.
+    progress.advance("parity checked", units=(1 + args.repeats) * (len(candidates) - len(runners)))
+
+    times = measure.time_interleaved(runners, args.repeats, args.warmup, args.iters, work.device,
+                                     lambda label: progress.advance(label))
+    _measure_memory(rows, runners, work.device, progress)
+    progress.close()
+
+    _add_timings(rows, times, work.batch, costs)
+    _add_speedups(rows)
+    _release(runners, work.device)
+    return _workload_record(work, args, costs, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
