@@ -4,8 +4,9 @@
 `y * scale + bias == bn(y)` with batch statistics, updating `bn`'s running statistics
 exactly as nn.BatchNorm2d does (momentum, momentum=None cumulative average,
 num_batches_tracked, unbiased running variance). The finalize step (statistics to scale
-and shift, running-statistics update) runs on the backend that `select_backend` picks for
-`bn_finalize`: extension kernels on the `cuda` backend, PyTorch ops elsewhere.
+and shift, and the running-statistics update, an op on the BN's tensors) runs on the
+backend that `select_backend` picks for it: extension kernels on the `cuda` backend,
+`fusedres.reference`'s PyTorch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from fusedres import ops
 from fusedres.backends import select_backend
+from fusedres.backends.inputs import FinalizeInputs
 
 
 def check_count(count: int, shape: tuple[int, ...], where: str = "") -> None:
@@ -39,7 +41,9 @@ def scale_bias_from_stats(mean: torch.Tensor, var: torch.Tensor, count: int, bn:
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, bias) of a train-mode BatchNorm from batch statistics over `count` values per
     channel, updating `bn`'s running statistics (differentiable in mean, var and bn's affine)."""
-    impl = select_backend(backend, "bn_finalize", (mean, var))
+    inputs = FinalizeInputs(mean, var, bn.weight, bn.bias, bn.eps)
+    impl = select_backend(backend, inputs)
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        impl.bn_update_running_stats(bn, mean.detach(), var.detach(), count)
-    return impl.bn_finalize(mean, var, bn.weight, bn.bias, bn.eps)
+        impl.bn_update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(),
+                                     var.detach(), bn.momentum, count)
+    return impl.bn_finalize(inputs)

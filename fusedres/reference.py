@@ -192,3 +192,120 @@ def fold_bn(
     weight = conv_weight.to(acc) * scale.reshape(-1, 1, 1, 1)
     weight = weight.contiguous(memory_format=suggest_memory_format(conv_weight))
     return weight, shift
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """One spatial side of a convolution's output, as ATen computes it."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------
+# Train-mode BatchNorm: finalize and running statistics (the forward of the per-channel math).
+
+def bn_finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a train-mode BatchNorm from its batch statistics: weight *
+    rsqrt(var + eps) and bias - mean * scale, in the statistics' dtype; differentiable."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    return scale, shift
+
+
+def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                            num_batches_tracked: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                            momentum: float | None, count: int) -> None:
+    """nn.BatchNorm2d's update, in place: num_batches_tracked += 1, then (count > 0) the
+    running mean and unbiased running variance move by momentum, or by 1 /
+    num_batches_tracked when momentum is None (cumulative average)."""
+    with torch.no_grad():
+        num_batches_tracked.add_(1)
+        if count == 0:
+            return  # nn.BatchNorm2d leaves the running statistics alone for an empty batch
+        factor = 1.0 / num_batches_tracked.to(torch.float64) if momentum is None else momentum
+        unbiased_var = var * (count / (count - 1))
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+        running_var.mul_(1 - factor).add_(unbiased_var.to(running_var.dtype) * factor)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward formulas: the one definition of these gradients, which every kernel must match
+# (the backends' defaults run them; fusedres.ops' autograd calls the backend that ran the
+# forward).
+
+def conv_bn_stats_grad_y(grad_y: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
+                         grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None) -> torch.Tensor:
+    """The total gradient of y when (mean, biased var) = bn_stats(y) are outputs too:
+    grad_y + grad_mean/count + (y - mean)*grad_var*2/count per channel (count = N*H*W; a
+    None grad adds nothing, so grad_y=None is bn_stats' own backward), computed in mean's
+    dtype (the accumulation dtype), returned in y's dtype and memory format."""
+    acc = mean.dtype
+    # 1/count as a 0-d tensor: a Python float made from symbolic sizes trips AOT
+    # autograd's dynamic-shape tracing when the sizes are those of an op's output.
+    count = torch.full((), y.numel() // y.shape[1], dtype=acc, device=y.device)
+    g = torch.zeros((), dtype=acc, device=y.device) if grad_y is None else grad_y.to(acc)
+    if grad_mean is not None:
+        g = g + _channel_view(grad_mean.to(acc)) / count
+    if grad_var is not None:
+        g = g + (y.to(acc) - _channel_view(mean)) * _channel_view(grad_var.to(acc)) * (2 / count)
+    return g.expand(y.shape).to(y.dtype).contiguous(memory_format=suggest_memory_format(y))
+
+
+def prologue_backward(grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      relu: bool, needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dscale, dshift) of a = prologue(x, scale, shift, relu) given da: the ReLU mask
+    from the recomputed pre-activation, dx = da*scale (x's dtype and memory format), dscale
+    = sum da*x and dshift = sum da per channel (accumulation dtype). `needs` says which of
+    the three are wanted; the others are None."""
+    acc = accumulation_dtype(x.dtype)
+    ga = grad_a.to(acc)
+    if relu:
+        pre = x.to(acc) * _channel_view(scale.to(acc)) + _channel_view(shift.to(acc))
+        ga = ga.masked_fill(pre <= 0, 0)
+    dims = (0, 2, 3)
+    dx = dscale = dshift = None
+    if needs[0]:
+        dx = (ga * _channel_view(scale.to(acc))).to(x.dtype).contiguous(memory_format=suggest_memory_format(x))
+    if needs[1]:
+        dscale = (ga * x.to(acc)).sum(dim=dims)
+    if needs[2]:
+        dshift = ga.sum(dim=dims)
+    return dx, dscale, dshift
+
+
+def scale_bias_act_backward(grad: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor, scale: torch.Tensor,
+                            residual: torch.Tensor | None, residual_scale: torch.Tensor | None,
+                            needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    """(dy, dscale, dbias, dresidual, dresidual_scale, dresidual_bias) of `scale_bias_act`,
+    given the saved forward output `out` when it applied ReLU (else None) and `needs`,
+    which of its first six inputs want a gradient.
+
+    g = grad masked where out <= 0 (a NaN output passes its gradient), in the accumulation
+    dtype; dy = g*scale (y's dtype and memory format), dresidual = g, or g*residual_scale
+    for a projection shortcut (residual's dtype and memory format); per channel over
+    (N, H, W), in the accumulation dtype (the op casts each to its input's dtype): dscale =
+    sum g*y, dbias = dresidual_bias = sum g, dresidual_scale = sum g*residual. None for what
+    is not needed, and for a residual's (scale's) grads without a residual (scale).
+    """
+    acc = accumulation_dtype(y.dtype)
+    g = (grad.masked_fill(out <= 0, 0) if out is not None else grad).to(acc)
+    dims = (0, 2, 3)
+    grads: list[torch.Tensor | None] = [None] * 6
+    if needs[0]:
+        grads[0] = (g * _channel_view(scale.to(acc))).to(y.dtype).contiguous(memory_format=suggest_memory_format(y))
+    if needs[1]:
+        grads[1] = (g * y.to(acc)).sum(dim=dims)
+    if needs[2]:
+        grads[2] = g.sum(dim=dims)
+    if residual is not None:
+        if needs[3]:
+            dres = g if residual_scale is None else g * _channel_view(residual_scale.to(acc))
+            grads[3] = dres.to(residual.dtype).contiguous(memory_format=suggest_memory_format(residual))
+        if residual_scale is not None and needs[4]:
+            grads[4] = (g * residual.to(acc)).sum(dim=dims)
+        if residual_scale is not None and needs[5]:
+            grads[5] = g.sum(dim=dims)
+    return tuple(grads)

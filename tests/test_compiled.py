@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusedres.triton import common
 from fusedres.triton import conv as tconv
 from fusedres.triton import conv_backward as cb
 
@@ -59,7 +60,7 @@ def _cfgs(configs) -> set[tuple[int, int, int, int, int]]:
 
 
 def _conv_prune(monkeypatch, target, dtype, **flags):
-    monkeypatch.setattr(tconv, "_SMEM_TARGET", target)
+    monkeypatch.setattr(common, "SMEM_TARGET", target)
     x = torch.empty(1, dtype=dtype)
     args = {"OCg": 512, "Cg": 512, "K_TOTAL": 4608, "x_ptr": x}
     return tconv._prune_configs(tconv._GPU_CONFIGS, args, FLAT_K=False, **flags)
@@ -80,7 +81,7 @@ def test_smem_estimate_covers_measured():
         ((64, 128, 32, 3, 2, 8, False), 32768),
     ]
     for (bm, bn, bk, stages, elem, major, transform), shared in measured:
-        assert tconv._smem_estimate(bm, bn, bk, stages, elem, major, transform) >= shared
+        assert common.smem_estimate(bm, bn, bk, stages, elem, major, transform) >= shared
 
 
 @pytest.mark.parametrize("target", [H100, A100], ids=["sm_90", "sm_80"])
@@ -92,16 +93,16 @@ def test_prune_fits_the_target(monkeypatch, target, dtype):
         kept = _conv_prune(monkeypatch, target, dtype, **flags)
         assert kept
         for bm, bn, bk, _, stages in _cfgs(kept):
-            assert tconv._smem_estimate(bm, bn, bk, stages, elem, major, bool(flags)) <= limit
+            assert common.smem_estimate(bm, bn, bk, stages, elem, major, bool(flags)) <= limit
     # The fp32 prologue+stats 128x64x64 4-stage tile needs 177.5 KiB on sm_80: over the A100's limit.
-    assert tconv._smem_estimate(128, 64, 64, 4, 4, A100[1], True) > A100[0]
-    assert tconv._smem_estimate(128, 64, 64, 4, 4, H100[1], True) <= H100[0]
-    monkeypatch.setattr(tconv, "_SMEM_TARGET", target)
+    assert common.smem_estimate(128, 64, 64, 4, 4, A100[1], True) > A100[0]
+    assert common.smem_estimate(128, 64, 64, 4, 4, H100[1], True) <= H100[0]
+    monkeypatch.setattr(common, "SMEM_TARGET", target)
     g = torch.empty(1, dtype=dtype)
     for c in cb._prune_dgrad_configs(cb._DGRAD_GPU_CONFIGS, {"M0": 10**5, "Cg": 512, "OCg": 512, "K_TOTAL": 4608,
                                                              "g_ptr": g}, FLAT_K=False):
         kw = c.kwargs
-        assert tconv._smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, major) <= limit
+        assert common.smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, major) <= limit
 
 
 def test_prune_drops_spilling_configs(monkeypatch):
@@ -111,7 +112,7 @@ def test_prune_drops_spilling_configs(monkeypatch):
     for cfg in ((128, 256, 64, 8, 3), (128, 128, 32, 4, 4)):
         assert cfg in eval_cfgs and cfg not in res_cfgs
     # Flat mode (ResNeXt's 4-channel groups): at most 16 gathered A elements a thread.
-    monkeypatch.setattr(tconv, "_SMEM_TARGET", H100)
+    monkeypatch.setattr(common, "SMEM_TARGET", H100)
     flat = tconv._prune_configs(tconv._GPU_CONFIGS, {"OCg": 4, "Cg": 4, "K_TOTAL": 36,
                                                      "x_ptr": torch.empty(1, dtype=torch.bfloat16)}, FLAT_K=True)
     assert all(bm * bk <= 16 * 32 * w for bm, _, bk, w, _ in _cfgs(flat))
@@ -122,7 +123,7 @@ def test_prune_drops_spilling_configs(monkeypatch):
 
 
 def test_smem_target_off_device(monkeypatch):
-    monkeypatch.setattr(tconv, "_SMEM_TARGET", None)
-    assert tconv._smem_target(torch.empty(1)) == (tconv._SMEM_BUDGET, 9)
-    monkeypatch.setattr(tconv, "_SMEM_TARGET", A100)
-    assert tconv._smem_target(torch.empty(1)) == A100
+    monkeypatch.setattr(common, "SMEM_TARGET", None)
+    assert common.smem_target(torch.empty(1)) == (common.SMEM_BUDGET, 9)
+    monkeypatch.setattr(common, "SMEM_TARGET", A100)
+    assert common.smem_target(torch.empty(1)) == A100

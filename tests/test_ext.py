@@ -20,12 +20,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_close_scaled, randomize_bn
 from torch import nn
 
 import fusedres
 from fusedres import ext, reference
 from fusedres.backends import BACKENDS, UnsupportedInputError
-from tests.helpers import assert_close_scaled, randomize_bn
 
 pytestmark = pytest.mark.skipif(bool(ext.load_error()), reason=ext.load_error() or "built")
 
@@ -229,7 +229,7 @@ def test_bn_finalize_values_and_gradcheck(device, dtype, affine):
     w = _vec(c, device, dtype).requires_grad_() if affine else None
     b = _vec(c, device, dtype).requires_grad_() if affine else None
     scale, shift = E.ext_bn_finalize(mean, var, w, b, 1e-5)
-    escale, eshift = BASE.bn_finalize(mean, var, w, b, 1e-5)
+    escale, eshift = reference.bn_finalize(mean, var, w, b, 1e-5)
     torch.testing.assert_close(scale, escale)
     torch.testing.assert_close(shift, eshift)
     if dtype == torch.float64:
@@ -251,7 +251,8 @@ def test_bn_update_running_stats(device, momentum, stats_dtype):
     for step in range(3):
         mean, var = _vec(6, device, acc), _vec(6, device, acc).abs()
         E.ext_bn_update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var, momentum, 40)
-        BASE.bn_update_running_stats(twin, mean, var, 40)
+        reference.bn_update_running_stats(twin.running_mean, twin.running_var, twin.num_batches_tracked, mean,
+                                           var, twin.momentum, 40)
         assert bn.num_batches_tracked.item() == twin.num_batches_tracked.item() == step + 1
         tol = {"rtol": 2e-3, "atol": 2e-3} if stats_dtype == torch.float16 else {}
         torch.testing.assert_close(bn.running_mean, twin.running_mean, **tol)
@@ -361,9 +362,12 @@ def test_train_blocks_on_cuda_backend_match_torchvision_float64(block, layout):
 def test_auto_on_cpu_runs_the_extension():
     x = torch.randn(2, 6, 4, 4)
     from fusedres.backends import select_backend
+    from fusedres.backends.inputs import ConvInputs, StatsInputs
 
-    assert select_backend("auto", "bn_stats", (x,)).name == "cuda"
-    assert select_backend("auto", "conv_bias_act", (x, None)).name == "cuda"
+    assert select_backend("auto", StatsInputs(x)).name == "cuda"
+    w = torch.randn(6, 6, 1, 1)
+    conv = ConvInputs(x, w, None, None, None, None, [1, 1], [0, 0], [1, 1], 1, [1, 1], True)
+    assert select_backend("auto", conv).name == "cuda"
 
 
 def test_backend_reasons_name_the_extension(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 import fusedres
 from fusedres import ext, reference
 from fusedres.backends import BACKENDS, UnsupportedInputError, resolve_backend_name, select_backend
+from fusedres.backends.inputs import StatsInputs
 
 
 def _conv_args(dtype=torch.float64, channels_last=False, residual=False, shortcut=False, groups=1, dilation=1,
@@ -183,7 +184,7 @@ def test_explicit_unavailable_backend_raises_with_every_reason():
 def test_auto_on_cpu_picks_the_extension_or_torch_silently(recwarn):
     x = torch.randn(2, 3, 4, 4)
     expected = "torch" if ext.load_error() else "cuda"  # the extension's C++ kernels where built
-    assert select_backend("auto", "bn_stats", [x]) is BACKENDS[expected]
+    assert select_backend("auto", StatsInputs(x)) is BACKENDS[expected]
     assert not [w for w in recwarn if "fusedres" in str(w.message)]
 
 
@@ -207,3 +208,76 @@ def test_block_with_explicit_unavailable_backend_raises(monkeypatch):
     block.backend = "auto"
     with pytest.raises(NotImplementedError, match="triton"):
         block(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+# ----- dispatch once per call, narrow catches, loud fallbacks -----
+
+def _count_selections(monkeypatch, module):
+    calls = []
+    original = module.select_backend
+
+    def counting(name, inputs, tune=False):
+        calls.append(inputs.op)
+        return original(name, inputs, tune)
+
+    monkeypatch.setattr(module, "select_backend", counting)
+    return calls
+
+
+def test_each_op_chooses_its_backend_once_per_call_forward_and_backward(monkeypatch):
+    """The op layer chooses once; the op's body, fake, autograd context and backward reuse
+    that choice (choosing again could disagree with the first)."""
+    from fusedres.ops import bn as ops_bn
+    from fusedres.ops import conv_train as ops_conv_train
+
+    stats_calls = _count_selections(monkeypatch, ops_bn)
+    train_calls = _count_selections(monkeypatch, ops_conv_train)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    y, mean, var = fusedres.ops.conv_bn_stats(x, w, None, None, False, [1, 1], [1, 1], [1, 1], 1, "auto")
+    m2, v2 = fusedres.ops.bn_stats(y, "auto")
+    scale = torch.rand(6, dtype=torch.float64) + 0.5
+    out = fusedres.ops.scale_bias_act(y, scale, mean, None, None, None, True, "auto")
+    (out.sum() + m2.sum() + v2.sum() + var.sum()).backward()
+    assert train_calls == ["conv_bn_stats"]
+    assert stats_calls == ["bn_stats", "scale_bias_act"]
+    assert x.grad is not None and w.grad is not None
+
+
+def test_registered_op_takes_the_chosen_backend_not_auto():
+    y = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="fusedres::bn_stats runs the backend fusedres.ops chose, not 'auto'"):
+        torch.ops.fusedres.bn_stats(y, "auto")
+    torch.testing.assert_close(torch.ops.fusedres.bn_stats(y, "torch"), reference.bn_stats(y))
+
+
+def test_env_variable_means_the_explicit_backend_for_ops_too(monkeypatch):
+    y = torch.randn(2, 3, 4, 4).int()
+    monkeypatch.setenv("FUSEDRES_BACKEND", "cuda")
+    with pytest.raises(UnsupportedInputError, match="the 'cuda' backend cannot run bn_stats"):
+        fusedres.ops.bn_stats(y, "auto")
+
+
+def test_cudnn_refusal_falls_back_loudly_and_other_errors_surface(monkeypatch, caplog):
+    """Only cuDNN's "not supported" means "take the reference path" (logged once); any other
+    RuntimeError (a shape bug, an asynchronous CUDA error) is raised."""
+    from fusedres.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_cudnn_failed", set())
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+
+    def refuse(*args):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                           "non-contiguous input.")
+
+    def crash(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", refuse)
+    with caplog.at_level("WARNING", logger="fusedres"):
+        assert torch_backend._cudnn_conv_relu(x, w, None, [1, 1], [1, 1], [1, 1], 1) is None
+    assert (torch.float32, False) in torch_backend._cudnn_failed
+    assert any("cuDNN's fused convolution refused torch.float32" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", crash)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        torch_backend._cudnn_conv_relu(x, w, None, [1, 1], [1, 1], [1, 1], 1)

@@ -25,8 +25,10 @@ Tolerances (float32, IEEE products, fp32 accumulation; the tests force allow_tf3
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -37,6 +39,7 @@ from torch import nn
 import fusedres
 from fusedres import reference
 from fusedres.backends import BACKENDS, UnsupportedInputError, select_backend
+from fusedres.backends.inputs import ConvInputs, OpInputs, StatsInputs, TailInputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -164,9 +167,9 @@ def _small_args(dtype=torch.float32, device="cpu"):
 
 
 def test_cpu_without_interpreter_declines_with_the_fix(monkeypatch):
-    from fusedres.triton import conv as tconv
+    from fusedres.triton import common
 
-    monkeypatch.setattr(tconv, "_INTERPRET", False)
+    monkeypatch.setattr(common, "INTERPRET", False)
     with pytest.raises(UnsupportedInputError, match="the 'triton' backend cannot run conv_bias_act") as info:
         fusedres.ops.conv_bias_act(*_small_args(), True, "triton")
     assert "inputs are on cpu" in str(info.value) and "TRITON_INTERPRET=1" in str(info.value)
@@ -180,35 +183,75 @@ def test_unsupported_dtype_raises_with_reason(dtype, match):
         fusedres.ops.conv_bias_act(*_small_args(dtype, DEVICE), True, "triton")
 
 
+def _conv(x, weight, bias=None, residual=None, shortcut_x=None, shortcut_weight=None):
+    return ConvInputs(x, weight, bias, residual, shortcut_x, shortcut_weight, [1, 1], [1, 1], [1, 1], 1, [1, 1], True)
+
+
+def _tail(y, scale, bias, residual=None, residual_scale=None, residual_bias=None):
+    return TailInputs(y, scale, bias, residual, residual_scale, residual_bias, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoSuchOpInputs(OpInputs):
+    op: ClassVar[str] = "no_such_op"
+    main: ClassVar[str] = "x"
+    x: torch.Tensor
+
+
 def test_reasons_for_dtypes_and_ops():
     triton = BACKENDS["triton"]
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
-    assert triton.not_supported_reasons("conv_bias_act", [x, torch.randn(4, 4, 3, 3, device=DEVICE)]) == []
+    assert triton.not_supported_reasons(_conv(x, torch.randn(4, 4, 3, 3, device=DEVICE))) == []
     # fp32 bias with fp16 activations is fine; a weight in another dtype is not.
     half = x.half()
-    assert triton.not_supported_reasons("conv_bias_act", [half, half.new_ones(4, 4, 3, 3),
-                                                          torch.ones(4, device=DEVICE)]) == []
-    assert triton.not_supported_reasons("conv_bias_act", [half, half.new_ones(4, 4, 3, 3), None,
-                                                          torch.ones(1, 4, 5, 5, device=DEVICE)]) == []
-    reasons = triton.not_supported_reasons("conv_bias_act", [half, torch.ones(4, 4, 3, 3, device=DEVICE)])
+    assert triton.not_supported_reasons(_conv(half, half.new_ones(4, 4, 3, 3), torch.ones(4, device=DEVICE))) == []
+    assert triton.not_supported_reasons(_conv(half, half.new_ones(4, 4, 3, 3), None,
+                                              torch.ones(1, 4, 5, 5, device=DEVICE))) == []
+    reasons = triton.not_supported_reasons(_conv(half, torch.ones(4, 4, 3, 3, device=DEVICE)))
     assert reasons == ["mixed dtypes: x is torch.float16 but weight is torch.float32 (the Triton kernel "
                        "multiplies them in one dtype)"]
-    reasons = triton.not_supported_reasons("conv_bias_act", [x.int(), x.int()])
+    reasons = triton.not_supported_reasons(_conv(x.int(), x.int()))
     assert len(reasons) == 1 and "torch.int32 is not supported" in reasons[0]
     # The train-mode BatchNorm ops: fp16/bf16/fp32 activations, any floating per-channel vectors.
     vec = torch.ones(4, device=DEVICE)
-    assert triton.not_supported_reasons("bn_stats", [half]) == []
-    assert triton.not_supported_reasons("scale_bias_act", [half, vec, vec, x, vec, vec]) == []
-    (reason,) = triton.not_supported_reasons("bn_stats", [x.double()])
+    assert triton.not_supported_reasons(StatsInputs(half)) == []
+    assert triton.not_supported_reasons(_tail(half, vec, vec, x, vec, vec)) == []
+    (reason,) = triton.not_supported_reasons(StatsInputs(x.double()))
     assert "float64 is not supported" in reason
-    reasons = triton.not_supported_reasons("scale_bias_act", [x, vec.int(), vec, x[:, :2], None, None])
+    reasons = triton.not_supported_reasons(_tail(x, vec.int(), vec, x[:, :2]))
     assert len(reasons) == 2 and "scale is torch.int32" in reasons[0] and "do not broadcast" in reasons[1]
-    assert triton.not_supported_reasons("no_such_op", [x]) == ["no Triton kernel for no_such_op"]
+    assert triton.not_supported_reasons(_NoSuchOpInputs(x)) == ["no Triton kernel for no_such_op"]
+
+
+def test_every_tensor_is_checked_mixed_shortcut_dtype(monkeypatch):
+    """A float32 projection shortcut with a float16 conv: the whole input is checked, so
+    auto falls back (to a backend that casts) and an explicit triton names the reason."""
+    x = torch.randn(2, 4, 6, 6, device=DEVICE).half()
+    w = torch.randn(8, 4, 3, 3, device=DEVICE).half() * 0.2
+    sx = torch.randn(2, 4, 6, 6, device=DEVICE)
+    sw = torch.randn(8, 4, 1, 1, device=DEVICE) * 0.2
+    args = (x, w, None, None, sx, sw, [1, 1], [1, 1], [1, 1], 1, [1, 1], True)
+    reasons = BACKENDS["triton"].not_supported_reasons(ConvInputs(*args))
+    assert reasons == [f"mixed dtypes: x is torch.float16 but {name} is torch.float32 (the Triton kernel multiplies "
+                       f"them in one dtype)" for name in ("shortcut_x", "shortcut_weight")]
+    with pytest.raises(UnsupportedInputError, match="triton' backend cannot run conv_bias_act: mixed dtypes: x is "
+                                                    "torch.float16 but shortcut_x is torch.float32"):
+        fusedres.ops.conv_bias_act(*args, "triton")
+    # A float32 residual is fine (the kernel reads it in fp32).
+    residual = torch.randn(2, 8, 6, 6, device=DEVICE)
+    assert BACKENDS["triton"].not_supported_reasons(ConvInputs(x, w, None, residual, None, None, *args[6:])) == []
+    # auto: triton declines (on the CPU, pretend it targets the CPU as it does under the
+    # interpreter) and the next backend runs the input, with one warning naming the reason.
+    monkeypatch.setattr(type(BACKENDS["triton"]), "device_types", lambda self: ("cuda", "cpu"))
+    with pytest.warns(RuntimeWarning, match="runs on the '(cuda|torch)' backend because triton: mixed dtypes"):
+        out = fusedres.ops.conv_bias_act(*args, "auto")
+    expected = reference.conv_bias_act(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    assert_close_scaled(out.double(), expected, 4 * 36 * 2**-10)
 
 
 def test_auto_on_cpu_never_picks_triton(recwarn):
     args = _small_args()
-    assert select_backend("auto", "conv_bias_act", args[:6], args=[*args, True]) is not BACKENDS["triton"]
+    assert select_backend("auto", ConvInputs(*args, True), tune=True) is not BACKENDS["triton"]
     assert not [w for w in recwarn if "fusedres" in str(w.message)]
 
 
@@ -407,7 +450,7 @@ def test_torch_backend_cudnn_path_plumbing_on_cpu(case, monkeypatch):
                         lambda x, w, relu, with_z, *others: relu and torch_backend._all_finite(x, w, *others))
     args = _op_args(torch.float32, **case)
     backend = BACKENDS["torch"]
-    out = backend._cudnn_conv_bias_act(*args, True)
+    out = backend._cudnn_conv_bias_act(ConvInputs(*args, True))
     expected = _reference64(args, True)
     assert out.dtype == torch.float32 and out.stride() == _expected_stride(args, expected.shape)
     assert_close_scaled(out.double(), expected, 4 * 160 * EPS32, "fused output")
@@ -416,9 +459,9 @@ def test_torch_backend_cudnn_path_plumbing_on_cpu(case, monkeypatch):
     if z:
         assert seen[0][2] == torch.float32 and seen[0][3] == torch.empty(expected.shape).contiguous(
             memory_format=reference.conv_output_memory_format(args[0], args[1])).stride()
-    assert backend._cudnn_conv_bias_act(*args, False) is None  # no ReLU: the reference path
+    assert backend._cudnn_conv_bias_act(ConvInputs(*args, False)) is None  # no ReLU: the reference path
     args[0][0, 0, 0, 0] = float("inf")
-    assert backend._cudnn_conv_bias_act(*args, True) is None  # non-finite input: the reference path
+    assert backend._cudnn_conv_bias_act(ConvInputs(*args, True)) is None  # non-finite input: the reference path
 
 
 @pytest.mark.gpu
@@ -447,3 +490,49 @@ def test_torch_backend_cudnn_fast_path_gpu(case, dtype, monkeypatch):
     args[0][0, 1, 2, 3] = float("nan")
     out = fusedres.ops.conv_bias_act(*args, True, "torch")
     assert calls == [] and torch.equal(out.isnan(), reference.conv_bias_act(*args, True).isnan())
+
+
+def _conv_backward_inputs(device="cpu"):
+    from fusedres.backends.inputs import ConvBackwardInputs
+
+    a = torch.randn(2, 4, 6, 6, device=device)
+    w = torch.randn(8, 4, 3, 3, device=device)
+    return ConvBackwardInputs(torch.randn(2, 8, 6, 6, device=device), a, w, [1, 1], [1, 1], [1, 1], 1, True, True)
+
+
+def test_forced_triton_conv_backward_that_cannot_run_raises(monkeypatch):
+    """FUSEDRES_TRITON_CONV_BACKWARD=triton under torch.compile tracing (fake tensors): an
+    error, not a quiet switch to ATen; an unknown value is an error too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusedres.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "CONV_BACKWARD", "triton")
+    with FakeTensorMode():
+        inputs = _conv_backward_inputs()
+        with pytest.raises(UnsupportedInputError, match="FUSEDRES_TRITON_CONV_BACKWARD=triton cannot run while "
+                                                        "torch.compile traces"):
+            triton_backend._conv_backward_choice(inputs)
+    monkeypatch.setattr(triton_backend, "CONV_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="FUSEDRES_TRITON_CONV_BACKWARD='fast'; expected auto, aten or triton"):
+        triton_backend._conv_backward_choice(_conv_backward_inputs())
+    monkeypatch.setattr(triton_backend, "CONV_BACKWARD", "auto")
+    assert triton_backend._conv_backward_choice(_conv_backward_inputs()).name == "aten"  # off CUDA
+
+
+def test_elementwise_backward_fallback_is_logged_once(caplog, monkeypatch):
+    """A Triton backward pass handed tensors its kernel does not take (float64 here) runs the
+    PyTorch formula, and says so once on the fusedres logger."""
+    from fusedres.backends import log
+
+    monkeypatch.setattr(log, "_logged", set())
+    triton = BACKENDS["triton"]
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    with caplog.at_level("INFO", logger="fusedres"):
+        for _ in range(2):
+            out = triton.prologue(x, scale, shift, True)
+            torch.testing.assert_close(out, reference.prologue(x, scale, shift, True))
+    lines = [r.getMessage() for r in caplog.records if "computes the recomputed prologue with PyTorch ops" in
+             r.getMessage()]
+    assert len(lines) == 1

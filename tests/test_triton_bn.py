@@ -12,7 +12,7 @@ Error bounds (u32 = eps32/2 is float32's unit roundoff; mag is the float64 sum o
 magnitudes of the terms that make up a value, which bounds every rounding made while
 combining them):
 
-* elementwise results (scale_bias_act, dy, dresidual, bn_stats_backward): a handful of fp32
+* elementwise results (scale_bias_act, dy, dresidual, bn_stats' backward): a handful of fp32
   operations, each off by <= u32 relative to its operands, so the fp32 value is within
   ~4*u32*mag = 2*eps32*mag; then one cast to the output dtype, <= eps_out/2*|value| when
   rounding to nearest, < eps_out*|value| when truncating (the interpreter's bf16): we allow
@@ -43,7 +43,10 @@ from torch import nn
 import fusedres
 from fusedres import reference
 from fusedres.backends import BACKENDS
+from fusedres.backends.inputs import StatsInputs
 from fusedres.triton import bn as tbn
+from fusedres.triton import common
+from fusedres.triton import prologue as tpro
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -52,12 +55,28 @@ EPS32 = torch.finfo(torch.float32).eps
 FORMATS = {"nchw": torch.contiguous_format, "cl": CL}
 
 
+def poison_empty(*args, **kwargs):
+    """common.empty with NaN-filled floating-point buffers (integer ones, the conv kernel's
+    statistics counts, stay as allocated)."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
+    monkeypatch.setattr(common, "empty", poison_empty)
 
-    monkeypatch.setattr(tbn, "_empty", empty)
+
+def record_bn_kernels(monkeypatch, record):
+    """Make the kernels of the BatchNorm ops call record(name) when they run: bn_stats,
+    scale_bias_act, scale_bias_act_backward and bn_stats_backward, which is
+    conv_bn_stats_grad_y without grad_y (other calls of it are conv_bn_stats backwards)."""
+    for name in ("bn_stats", "scale_bias_act", "scale_bias_act_backward"):
+        real = getattr(tbn, name)
+        monkeypatch.setattr(tbn, name, lambda *a, _real=real, _name=name: record(_name) or _real(*a))
+    real = tpro.conv_bn_stats_grad_y
+    monkeypatch.setattr(tpro, "conv_bn_stats_grad_y",
+                        lambda gy, *a: (gy is None and record("bn_stats_backward")) or real(gy, *a))
 
 
 @pytest.fixture(autouse=True)
@@ -338,7 +357,7 @@ def test_bn_stats_backward_matches_autograd(shape, dtype, fmt, grads):
     c, m = shape[1], y.numel() // shape[1]
     gm = _vec(c) if grads[0] else None
     gv = _vec(c) if grads[1] else None
-    dy = tbn.bn_stats_backward(y, mean, gm, gv)
+    dy = tpro.conv_bn_stats_grad_y(None, y, mean, gm, gv)
     assert dy.dtype == dtype and dy.stride() == _canonical_stride(y)
 
     y64 = _d(y).requires_grad_(True)
@@ -365,9 +384,7 @@ def test_bn_stats_backward_matches_autograd(shape, dtype, fmt, grads):
 
 def test_ops_on_triton_backend_run_the_triton_kernels_forward_and_backward(monkeypatch):
     calls = []
-    for name in ("bn_stats", "scale_bias_act", "bn_stats_backward", "scale_bias_act_backward"):
-        real = getattr(tbn, name)
-        monkeypatch.setattr(tbn, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    record_bn_kernels(monkeypatch, calls.append)
     y = _act((2, 6, 5, 5), torch.float32, "cl").requires_grad_(True)
     r = _act((2, 6, 5, 5), torch.float32, "cl").requires_grad_(True)
     mean, var = fusedres.ops.bn_stats(y, "triton")
@@ -389,16 +406,15 @@ def test_ops_on_triton_backend_run_the_triton_kernels_forward_and_backward(monke
 
 def test_declines_cpu_without_interpreter_and_float64(monkeypatch):
     from fusedres.backends import UnsupportedInputError
-    from fusedres.triton import conv as tconv
 
     y = torch.randn(2, 3, 4, 4)
     with pytest.raises(UnsupportedInputError, match="cannot run bn_stats: float64 is not supported"):
         fusedres.ops.bn_stats(y.double().to(DEVICE), "triton")
-    monkeypatch.setattr(tconv, "_INTERPRET", False)
+    monkeypatch.setattr(common, "INTERPRET", False)
     with pytest.raises(UnsupportedInputError, match="cannot run scale_bias_act: inputs are on cpu.*TRITON_INTERPRET=1"):
         fusedres.ops.scale_bias_act(y, torch.ones(3), torch.zeros(3), None, None, None, True, "triton")
     # auto never picks triton for CPU tensors, interpreter or not.
-    assert fusedres.backends.select_backend("auto", "bn_stats", [y]) is not BACKENDS["triton"]
+    assert fusedres.backends.select_backend("auto", StatsInputs(y)) is not BACKENDS["triton"]
 
 
 def test_backward_ops_opcheck():
@@ -410,7 +426,7 @@ def test_backward_ops_opcheck():
     torch.library.opcheck(op, (out, out, y, scale, r, rs, [True] * 6))
     torch.library.opcheck(op, (out, None, y, scale, None, None, [True, False, True, False, False, False]))
     mean, _ = tbn.bn_stats(y)
-    torch.library.opcheck(torch.ops.fusedres.triton_bn_stats_backward.default, (y, mean, mean, None))
+    torch.library.opcheck(torch.ops.fusedres.triton_conv_bn_stats_grad_y.default, (None, y, mean, mean, None))
 
 
 @pytest.mark.parametrize("residual", ["identity", "scaled"])
@@ -495,9 +511,7 @@ TRAIN_BLOCKS = [
 @pytest.mark.parametrize("kind,inplanes,planes,stride,fmt,frozen", TRAIN_BLOCKS)
 def test_block_train_float32_against_torchvision_float64(kind, inplanes, planes, stride, fmt, frozen, monkeypatch):
     calls = set()
-    for name in ("bn_stats", "scale_bias_act", "bn_stats_backward", "scale_bias_act_backward"):
-        real = getattr(tbn, name)
-        monkeypatch.setattr(tbn, name, lambda *a, _real=real, _name=name: calls.add(_name) or _real(*a))
+    record_bn_kernels(monkeypatch, calls.add)
     ref, fused = _block_pair(kind, inplanes, planes, stride)
     x = torch.randn(2, inplanes, 9, 7, dtype=torch.float64)
     xf = x.float().to(DEVICE).contiguous(memory_format=FORMATS[fmt])

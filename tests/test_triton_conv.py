@@ -1,4 +1,4 @@
-"""fusedres.triton.conv.conv_bias_act against the float64 reference.
+"""fusedres.triton.conv.conv_bias_act and conv_bn_stats against the float64 reference.
 
 Without a GPU the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1),
 so the shapes are tiny; they still cover multiple M tiles with tails, several N tiles,
@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from fusedres import reference
+from fusedres.triton import common
 from fusedres.triton import conv as tconv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,30 +53,34 @@ def _case(c, oc, hw, k, stride=1, pad=0, dil=1, groups=1, n=2, bias=True, residu
                 residual=residual, relu=relu, prologue=prologue, shortcut=shortcut, nchw=nchw)
 
 
-CASES = [
-    pytest.param(_case(16, 20, (7, 9), 1, residual=True, relu=True), id="1x1-tap-res-relu"),
-    pytest.param(_case(32, 24, (7, 9), 3, pad=1, relu=True), id="3x3-tap-2chunks"),
-    pytest.param(_case(12, 20, (9, 9), 3, stride=2, pad=1, bias=False), id="3x3-s2-flat-nobias"),
-    pytest.param(_case(16, 16, (9, 7), 3, pad=2, dil=2, residual=True, n=1), id="3x3-dil2"),
-    pytest.param(_case(20, 12, (7, 9), 3, stride=2, pad=1, dil=2, relu=True), id="3x3-s2-dil2"),
-    pytest.param(_case(4, 8, (5, 6), 3, pad=3, relu=True), id="3x3-pad3-allpadded-rows"),
-    pytest.param(_case(16, 8, (7, 9), 3, pad=0, bias=False, n=1), id="3x3-pad0"),
-    pytest.param(_case(3, 8, (9, 9), 7, stride=2, pad=3, relu=True, n=1), id="7x7-stem-c3"),
-    pytest.param(_case(64, 64, (7, 9), 3, pad=1, groups=4, residual=True, relu=True, n=1), id="g4-tap"),
-    pytest.param(_case(16, 16, (7, 9), 3, pad=1, groups=4, relu=True), id="g4-tiny-cg4"),
-    pytest.param(_case(20, 12, (9, 9), 3, stride=2, pad=1, dil=2, groups=4, residual=True), id="g4-cg5-s2-dil2"),
-    pytest.param(_case(12, 20, (7, 9), 3, pad=1, prologue="affine"), id="prologue-affine"),
-    pytest.param(_case(16, 16, (7, 9), 3, pad=1, prologue="relu", relu=True), id="prologue-relu-pad"),
-    pytest.param(_case(16, 24, (5, 7), 1, prologue="relu", residual=True), id="prologue-1x1"),
-    pytest.param(_case(16, 16, (7, 9), 3, pad=1, groups=4, prologue="relu"), id="prologue-g4"),
-    pytest.param(_case(16, 24, (4, 5), 1, relu=True, shortcut=(12, 2)), id="shortcut-s2"),
-    pytest.param(_case(12, 16, (7, 9), 3, stride=2, pad=1, relu=True, shortcut=(20, 2), prologue="relu"),
-                 id="shortcut-3x3-prologue"),
-    pytest.param(_case(16, 20, (7, 9), 1, shortcut=(24, 1), bias=False), id="shortcut-s1-nobias"),
-    pytest.param(_case(12, 20, (7, 9), 3, pad=1, residual=True, relu=True, nchw=True), id="nchw-inputs"),
-    pytest.param(_case(16, 16, (7, 9), 3, pad=1, relu=True, shortcut=(12, 1), groups=4, nchw=True, n=1),
-                 id="nchw-g4-shortcut"),
-]
+CASES = {
+    "1x1-tap-res-relu": _case(16, 20, (7, 9), 1, residual=True, relu=True),
+    "3x3-tap-2chunks": _case(32, 24, (7, 9), 3, pad=1, relu=True),
+    "3x3-s2-flat-nobias": _case(12, 20, (9, 9), 3, stride=2, pad=1, bias=False),
+    "3x3-dil2": _case(16, 16, (9, 7), 3, pad=2, dil=2, residual=True, n=1),
+    "3x3-s2-dil2": _case(20, 12, (7, 9), 3, stride=2, pad=1, dil=2, relu=True),
+    "3x3-pad3-allpadded-rows": _case(4, 8, (5, 6), 3, pad=3, relu=True),
+    "3x3-pad0": _case(16, 8, (7, 9), 3, pad=0, bias=False, n=1),
+    "7x7-stem-c3": _case(3, 8, (9, 9), 7, stride=2, pad=3, relu=True, n=1),
+    "g4-tap": _case(64, 64, (7, 9), 3, pad=1, groups=4, residual=True, relu=True, n=1),
+    "g4-tiny-cg4": _case(16, 16, (7, 9), 3, pad=1, groups=4, relu=True),
+    "g4-cg5-s2-dil2": _case(20, 12, (9, 9), 3, stride=2, pad=1, dil=2, groups=4, residual=True),
+    "prologue-affine": _case(12, 20, (7, 9), 3, pad=1, prologue="affine"),
+    "prologue-relu-pad": _case(16, 16, (7, 9), 3, pad=1, prologue="relu", relu=True),
+    "prologue-1x1": _case(16, 24, (5, 7), 1, prologue="relu", residual=True),
+    "prologue-g4": _case(16, 16, (7, 9), 3, pad=1, groups=4, prologue="relu"),
+    "shortcut-s2": _case(16, 24, (4, 5), 1, relu=True, shortcut=(12, 2)),
+    "shortcut-3x3-prologue": _case(12, 16, (7, 9), 3, stride=2, pad=1, relu=True, shortcut=(20, 2), prologue="relu"),
+    "shortcut-s1-nobias": _case(16, 20, (7, 9), 1, shortcut=(24, 1), bias=False),
+    "nchw-inputs": _case(12, 20, (7, 9), 3, pad=1, residual=True, relu=True, nchw=True),
+    "nchw-g4-shortcut": _case(16, 16, (7, 9), 3, pad=1, relu=True, shortcut=(12, 1), groups=4, nchw=True, n=1),
+}
+
+
+def _params(cases, *names):
+    """pytest params of the named cases (all of them without names), each id'd by its name."""
+    return [pytest.param(cases[name], id=name) for name in names or cases]
+
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
        torch.bfloat16: torch.finfo(torch.bfloat16).eps}
@@ -174,19 +179,19 @@ def _check(cfg, dtype, device=DEVICE, interpreted=INTERPRET):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", CASES)
+@pytest.mark.parametrize("cfg", _params(CASES))
 def test_matches_reference(cfg, dtype):
     _check(cfg, dtype)
 
 
-@pytest.mark.parametrize("cfg", [CASES[1], CASES[9], CASES[16]])
+@pytest.mark.parametrize("cfg", _params(CASES, "3x3-tap-2chunks", "g4-tiny-cg4", "shortcut-3x3-prologue"))
 def test_bfloat16_interpreted(cfg):
     if not INTERPRET:
         pytest.skip("interpreter-only tolerance; see test_bfloat16_gpu")
     _check(cfg, torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", [CASES[0], CASES[4], CASES[7]])
+@pytest.mark.parametrize("cfg", _params(CASES, "1x1-tap-res-relu", "3x3-s2-dil2", "7x7-stem-c3"))
 def test_fp16_error_close_to_torch(cfg):
     """Our fp16 error is at most ~2x that of PyTorch's own fp16 conv (CPU) against float64."""
     t, ref, got = _check(cfg, torch.float16)
@@ -256,7 +261,7 @@ def test_prune_configs_fit_the_problem():
     for c in tconv._prune_configs(tconv._GPU_CONFIGS, {"OCg": 512, "Cg": 512, "K_TOTAL": 4608, "x_ptr": x32},
                                   FLAT_K=False):
         kw = c.kwargs
-        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= tconv._SMEM_BUDGET
+        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= common.SMEM_BUDGET
 
 
 def test_float64_rejected():
@@ -266,10 +271,14 @@ def test_float64_rejected():
         tconv.conv_bias_act(x, w)
 
 
-def _bad(**overrides):
+def _bad(launcher=tconv.conv_bias_act, **overrides):
     args = dict(x=torch.randn(1, 8, 5, 5, device=DEVICE), weight=torch.randn(8, 8, 3, 3, device=DEVICE))
     args.update(overrides)
-    return lambda: tconv.conv_bias_act(**args)
+    return lambda: launcher(**args)
+
+
+def _bad_stats(**overrides):
+    return _bad(tconv.conv_bn_stats, **overrides)
 
 
 @pytest.mark.parametrize("call, exc, match", [
@@ -295,12 +304,20 @@ def _bad(**overrides):
     pytest.param(_bad(bias=torch.randn(8, device="meta")), ValueError, "bias is on meta", id="device"),
     pytest.param(_bad(x=torch.randn(1, 8, 2, 2)), ValueError, "output size .* is empty", id="too-small"),
     pytest.param(_bad(out=torch.empty(1, 8, 3, 3)), ValueError, "channels_last-contiguous", id="out-format"),
-    pytest.param(_bad(stats=True, bias=torch.randn(8)), ValueError, r"stats=True .*: bias cannot", id="stats-bias"),
-    pytest.param(_bad(stats=True, residual=torch.randn(1, 8, 3, 3)), ValueError, r"stats=True .*: residual cannot",
+    # conv_bn_stats computes the statistics of the plain conv output: it takes no epilogue.
+    pytest.param(_bad_stats(bias=torch.randn(8)), TypeError, "unexpected keyword argument 'bias'", id="stats-bias"),
+    pytest.param(_bad_stats(residual=torch.randn(1, 8, 3, 3)), TypeError, "unexpected keyword argument 'residual'",
                  id="stats-residual"),
-    pytest.param(_bad(stats=True, shortcut_x=torch.randn(1, 4, 3, 3), shortcut_weight=torch.randn(8, 4, 1, 1)),
-                 ValueError, r"stats=True .*: shortcut_x, shortcut_weight cannot", id="stats-shortcut"),
-    pytest.param(_bad(stats=True, relu=True), ValueError, r"stats=True .*: relu cannot", id="stats-relu"),
+    pytest.param(_bad_stats(shortcut_x=torch.randn(1, 4, 3, 3)), TypeError,
+                 "unexpected keyword argument 'shortcut_x'", id="stats-shortcut"),
+    pytest.param(_bad_stats(relu=True), TypeError, "unexpected keyword argument 'relu'", id="stats-relu"),
+    # conv_bn_stats validates as conv_bias_act does.
+    pytest.param(_bad_stats(weight=torch.randn(8, 4, 3, 3)), ValueError, r"x has 8 channels, expected weight",
+                 id="stats-channels"),
+    pytest.param(_bad_stats(prologue_relu=True), ValueError, "prologue_relu needs", id="stats-prologue-relu-alone"),
+    pytest.param(_bad_stats(in_scale=torch.ones(8)), ValueError, "given together", id="stats-prologue-half"),
+    pytest.param(_bad_stats(out=torch.empty(1, 8, 3, 3)), ValueError, "channels_last-contiguous",
+                 id="stats-out-format"),
 ])
 def test_bad_input(call, exc, match):
     if DEVICE != "cpu":
@@ -310,7 +327,7 @@ def test_bad_input(call, exc, match):
 
 
 # ---------------------------------------------------------------------------------------
-# Batch statistics in the epilogue (stats=True): y = conv(P(x), w) and its per-channel mean
+# Batch statistics in the epilogue (conv_bn_stats): y = conv(P(x), w) and its per-channel mean
 # and biased variance, against reference.conv_bn_stats.
 #
 # y is checked elementwise with the bounds above. mean/var are checked twice, per channel:
@@ -345,15 +362,14 @@ def _stats_case(c, oc, hw, k, stride=1, pad=0, groups=1, n=2, prologue=None, nch
 
 
 # Every M = N*P*Q below leaves a partially valid last M tile (interpreter BLOCK_M = 32).
-STATS_CASES = [
-    pytest.param(_stats_case(16, 20, (5, 7), 1, nchw=True), id="1x1-nchw-M70"),  # 2 N tiles, the 2nd masked
-    pytest.param(_stats_case(16, 24, (5, 7), 3, pad=1, prologue="relu"), id="3x3-prologue-relu-M70"),
+STATS_CASES = {
+    "1x1-nchw-M70": _stats_case(16, 20, (5, 7), 1, nchw=True),  # 2 N tiles, the 2nd masked
+    "3x3-prologue-relu-M70": _stats_case(16, 24, (5, 7), 3, pad=1, prologue="relu"),
     # OCg = 4 of a 16-wide N tile: the masked columns alias the next group's channels.
-    pytest.param(_stats_case(16, 16, (9, 13), 3, stride=2, pad=1, groups=4, prologue="affine", nchw=True),
-                 id="3x3-s2-g4-flat-M70"),
-    pytest.param(_stats_case(64, 64, (5, 7), 3, pad=1, groups=4, n=1), id="3x3-g4-tap-M35"),
-    pytest.param(_stats_case(12, 20, (9, 11), 1, stride=2, n=3), id="1x1-s2-flat-M90"),
-]
+    "3x3-s2-g4-flat-M70": _stats_case(16, 16, (9, 13), 3, stride=2, pad=1, groups=4, prologue="affine", nchw=True),
+    "3x3-g4-tap-M35": _stats_case(64, 64, (5, 7), 3, pad=1, groups=4, n=1),
+    "1x1-s2-flat-M90": _stats_case(12, 20, (9, 11), 1, stride=2, n=3),
+}
 
 
 @pytest.fixture
@@ -366,15 +382,15 @@ def _poisoned(monkeypatch):
         t = torch.empty(*args, **kwargs)
         allocated.append(t)
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1 << 20)
-    monkeypatch.setattr(tconv, "_empty", empty)
+    monkeypatch.setattr(common, "empty", empty)
     return allocated
 
 
 def _run_stats(t, cfg, out):
     a = _conv_args(cfg)
-    return tconv.conv_bias_act(t["x"], t["weight"], in_scale=t["in_scale"], in_shift=t["in_shift"],
+    return tconv.conv_bn_stats(t["x"], t["weight"], in_scale=t["in_scale"], in_shift=t["in_shift"],
                                prologue_relu=cfg["prologue"] == "relu", out=out, stride=a["stride"],
-                               padding=a["padding"], dilation=a["dilation"], groups=a["groups"], stats=True)
+                               padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
 
 
 def _stats_bounds(y64):
@@ -421,12 +437,12 @@ def _check_stats(cfg, dtype):
 
 @pytest.mark.usefixtures("_poisoned")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", STATS_CASES)
+@pytest.mark.parametrize("cfg", _params(STATS_CASES))
 def test_stats_matches_reference(cfg, dtype):
     _check_stats(cfg, dtype)
 
 
-@pytest.mark.parametrize("cfg", [STATS_CASES[0], STATS_CASES[2]])
+@pytest.mark.parametrize("cfg", _params(STATS_CASES, "1x1-nchw-M70", "3x3-s2-g4-flat-M70"))
 def test_stats_several_rows_per_tile(cfg, monkeypatch, _poisoned):
     """Partial rows finer than BLOCK_M (as on a GPU when the autotuner picks BLOCK_M = 128 and
     the buffers have a row per 64 pixels): a tile writes the first of its rows and zero
@@ -448,11 +464,23 @@ def test_stats_several_rows_per_tile(cfg, monkeypatch, _poisoned):
 def test_stats_bfloat16_and_deterministic():
     """bf16 (the interpreter truncates the fp32 -> bf16 cast: the statistics are still those
     of the stored y, and _tolerance_factor's bound covers y), and a rerun gives identical bits."""
-    (cfg,) = STATS_CASES[1].values
+    cfg = STATS_CASES["3x3-prologue-relu-M70"]
     t, y, mean, var = _check_stats(cfg, torch.bfloat16)
     out = torch.empty_like(y)
     y2, mean2, var2 = _run_stats(t, cfg, out)
     assert torch.equal(y2, y) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
+@pytest.mark.usefixtures("_poisoned")
+def test_stats_y_is_the_plain_conv_output():
+    """conv_bn_stats' y is conv_bias_act's output without an epilogue, bit for bit (the same
+    kernel and, in the interpreter, the same config; a GPU's autotuner may pick another)."""
+    if not INTERPRET:
+        pytest.skip("one config only in the interpreter")
+    cfg = STATS_CASES["3x3-s2-g4-flat-M70"]
+    t = _inputs(cfg, torch.float16)
+    y, _, _ = _run_stats(t, cfg, None)
+    assert torch.equal(y, _run(t, cfg))
 
 
 @pytest.mark.usefixtures("_poisoned")
@@ -472,8 +500,8 @@ def test_stats_large_mean(dtype):
     y_ref, mean_ref, var_ref = reference.conv_bn_stats(x.double(), weight.double(), scale.double(), shift.double(),
                                                        False, [1, 1], [0, 0], [1, 1], 1)
     assert (mean_ref >= 990).all() and ((var_ref > 0.2) & (var_ref < 3)).all()  # 1e3 + N(0, ~1)
-    y, mean, var = tconv.conv_bias_act(x.to(DEVICE, dtype), weight.to(DEVICE, dtype), in_scale=scale.to(DEVICE),
-                                       in_shift=shift.to(DEVICE), stats=True)
+    y, mean, var = tconv.conv_bn_stats(x.to(DEVICE, dtype), weight.to(DEVICE, dtype), in_scale=scale.to(DEVICE),
+                                       in_shift=shift.to(DEVICE))
     mean_y, var_y, bm, bv, _ = _stats_bounds(y.double())
     _assert_within("mean vs stats of stored y", mean, mean_y, bm)
     _assert_within("var vs stats of stored y", var, var_y, bv)
@@ -489,13 +517,13 @@ def test_stats_nan_and_empty_batch():
     x = torch.randn(2, 16, 5, 7, device=DEVICE)
     x[1, 5, 2, 3] = float("nan")  # group 1 of 4
     w = torch.randn(16, 4, 3, 3, device=DEVICE)
-    y, mean, var = tconv.conv_bias_act(x, w, padding=1, groups=4, stats=True)
+    y, mean, var = tconv.conv_bn_stats(x, w, padding=1, groups=4)
     _, mean_ref, var_ref = reference.conv_bn_stats(x.double(), w.double(), None, None, False, [1, 1], [1, 1],
                                                    [1, 1], 4)
     assert torch.equal(mean.isnan(), mean_ref.isnan()) and torch.equal(var.isnan(), var_ref.isnan())
     assert mean.isnan().sum() == 4 and torch.equal(var.isnan(), mean.isnan())
     # No pixels: the mean of nothing, as torch.mean.
-    y, mean, var = tconv.conv_bias_act(torch.randn(0, 16, 5, 7, device=DEVICE), w, padding=1, groups=4, stats=True)
+    y, mean, var = tconv.conv_bn_stats(torch.randn(0, 16, 5, 7, device=DEVICE), w, padding=1, groups=4)
     assert y.shape == (0, 16, 5, 7) and mean.isnan().all() and var.isnan().all() and mean.shape == (16,)
 
 
@@ -504,7 +532,7 @@ def test_stats_nan_and_empty_batch():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", CASES)
+@pytest.mark.parametrize("cfg", _params(CASES))
 def test_bfloat16_gpu(cfg):
     _check(cfg, torch.bfloat16, device="cuda", interpreted=False)
 

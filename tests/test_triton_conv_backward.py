@@ -36,6 +36,7 @@ import os
 import pytest
 import torch
 
+from fusedres.triton import common
 from fusedres.triton import conv_backward as cb
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,26 +56,31 @@ def _case(c, oc, hw, k, stride=1, pad=0, dil=1, groups=1, n=2, nchw=False):
 
 
 # Modes: dgrad is in tap mode when OCg % 16 == 0, wgrad when Cg % 16 == 0 (flat mode otherwise).
-CASES = [
-    pytest.param(_case(12, 20, (7, 9), 1), id="1x1"),
-    pytest.param(_case(20, 12, (7, 9), 1, stride=2), id="1x1-s2-zero-phases"),
-    pytest.param(_case(12, 20, (7, 9), 3, pad=1), id="3x3"),
-    pytest.param(_case(20, 12, (9, 7), 3, stride=2, pad=1), id="3x3-s2"),
-    pytest.param(_case(4, 12, (7, 9), 3, pad=2, dil=2), id="3x3-dil2"),
+CASES = {
+    "1x1": _case(12, 20, (7, 9), 1),
+    "1x1-s2-zero-phases": _case(20, 12, (7, 9), 1, stride=2),
+    "3x3": _case(12, 20, (7, 9), 3, pad=1),
+    "3x3-s2": _case(20, 12, (9, 7), 3, stride=2, pad=1),
+    "3x3-dil2": _case(4, 12, (7, 9), 3, pad=2, dil=2),
     # stride 2, dilation 2: every tap of a phase contributes or none does.
-    pytest.param(_case(12, 4, (7, 9), 3, stride=2, pad=1, dil=2), id="3x3-s2-dil2"),
-    pytest.param(_case(4, 3, (5, 6), 3, pad=3), id="3x3-pad3-allpadded-rows"),
-    pytest.param(_case(3, 4, (7, 9), 3, pad=0, n=1), id="3x3-pad0"),
-    pytest.param(_case(3, 20, (9, 9), 7, stride=2, pad=3, n=1), id="7x7-stem-c3"),
-    pytest.param(_case(4, 12, (7, 9), 7, pad=3, dil=1, n=1, nchw=True), id="7x7-s1-nchw"),
-    pytest.param(_case(12, 20, (7, 9), 3, pad=1, groups=4), id="g4-cg3-ocg5"),
-    pytest.param(_case(20, 12, (9, 9), 3, stride=2, pad=1, dil=2, groups=4), id="g4-cg5-s2-dil2"),
-    pytest.param(_case(4, 4, (7, 9), 1, stride=2, groups=4, nchw=True), id="g4-depthwise-1x1-s2"),
-    pytest.param(_case(12, 32, (7, 9), 3, stride=2, pad=1), id="dgrad-tap-s2"),
-    pytest.param(_case(32, 20, (7, 9), 3, pad=1, nchw=True), id="wgrad-tap-nchw"),
-    pytest.param(_case(64, 64, (5, 7), 3, stride=2, pad=1, groups=4, n=1), id="g4-tap-both-s2"),
-    pytest.param(_case(20, 12, (7, 9), 3, stride=2, pad=1, dil=2, nchw=True), id="3x3-s2-dil2-nchw"),
-]
+    "3x3-s2-dil2": _case(12, 4, (7, 9), 3, stride=2, pad=1, dil=2),
+    "3x3-pad3-allpadded-rows": _case(4, 3, (5, 6), 3, pad=3),
+    "3x3-pad0": _case(3, 4, (7, 9), 3, pad=0, n=1),
+    "7x7-stem-c3": _case(3, 20, (9, 9), 7, stride=2, pad=3, n=1),
+    "7x7-s1-nchw": _case(4, 12, (7, 9), 7, pad=3, dil=1, n=1, nchw=True),
+    "g4-cg3-ocg5": _case(12, 20, (7, 9), 3, pad=1, groups=4),
+    "g4-cg5-s2-dil2": _case(20, 12, (9, 9), 3, stride=2, pad=1, dil=2, groups=4),
+    "g4-depthwise-1x1-s2": _case(4, 4, (7, 9), 1, stride=2, groups=4, nchw=True),
+    "dgrad-tap-s2": _case(12, 32, (7, 9), 3, stride=2, pad=1),
+    "wgrad-tap-nchw": _case(32, 20, (7, 9), 3, pad=1, nchw=True),
+    "g4-tap-both-s2": _case(64, 64, (5, 7), 3, stride=2, pad=1, groups=4, n=1),
+    "3x3-s2-dil2-nchw": _case(20, 12, (7, 9), 3, stride=2, pad=1, dil=2, nchw=True),
+}
+
+
+def _params(*names):
+    """pytest params of the named CASES (all of them without names), each id'd by its name."""
+    return [pytest.param(CASES[name], id=name) for name in names or CASES]
 
 
 def _sizes(cfg):
@@ -143,7 +149,7 @@ def poison(monkeypatch):
         t = torch.empty(*args, **kwargs)
         allocated.append(t)
         return t.fill_(float("nan"))
-    monkeypatch.setattr(cb, "_empty", empty)
+    monkeypatch.setattr(common, "empty", empty)
     return allocated
 
 
@@ -172,18 +178,18 @@ def _check_wgrad(cfg, dtype, device=DEVICE, interpreted=INTERPRET, split_k=None,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", CASES)
+@pytest.mark.parametrize("cfg", _params())
 def test_dgrad_matches_reference(cfg, dtype):
     _check_dgrad(cfg, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", CASES)
+@pytest.mark.parametrize("cfg", _params())
 def test_wgrad_matches_reference(cfg, dtype, poison):
     _check_wgrad(cfg, dtype)
 
 
-@pytest.mark.parametrize("cfg", [CASES[3], CASES[11], CASES[15]])
+@pytest.mark.parametrize("cfg", _params("3x3-s2", "g4-cg5-s2-dil2", "g4-tap-both-s2"))
 def test_bfloat16_interpreted(cfg):
     if not INTERPRET:
         pytest.skip("interpreter-only tolerance; see test_bfloat16_gpu")
@@ -205,12 +211,12 @@ def test_wgrad_split_k(split_k, poison):
 
 def test_wgrad_fp32_output_of_fp16_inputs():
     # No final fp16 rounding: the bound is the accumulation's alone.
-    _check_wgrad(CASES[2].values[0], torch.float16, out_dtype=torch.float32, split_k=2)
+    _check_wgrad(CASES["3x3"], torch.float16, out_dtype=torch.float32, split_k=2)
 
 
 def test_fresh_outputs(poison):
     """Fresh (NaN-poisoned) outputs: channels_last, fully written; int arguments accepted."""
-    cfg = CASES[3].values[0]
+    cfg = CASES["3x3-s2"]
     grad, x, weight = _inputs(cfg, torch.float32)
     gi_ref, gw_ref, gi_mag, gw_mag = _reference(grad, x, weight, (2, 2), (1, 1), (1, 1), 1)
     gi = cb.conv_dgrad(grad, weight, tuple(x.shape), 2, 1, 1, 1)
@@ -285,7 +291,7 @@ def test_prune_configs_fit_the_problem():
     for c in cb._prune_wgrad_configs(cb._WGRAD_GPU_CONFIGS, {"M": 10**6, "SPLIT": 1, "Cg": 512, "OCg": 512,
                                                              "K_TOTAL": 4608, "g_ptr": f32}, FLAT_K=False):
         kw = c.kwargs
-        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= cb._SMEM_BUDGET
+        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= common.SMEM_BUDGET
 
 
 def test_default_split():
@@ -353,7 +359,7 @@ def test_bad_input(call, exc, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", CASES)
+@pytest.mark.parametrize("cfg", _params())
 def test_bfloat16_gpu(cfg):
     _check_dgrad(cfg, torch.bfloat16, device="cuda", interpreted=False)
     _check_wgrad(cfg, torch.bfloat16, device="cuda", interpreted=False, split_k=3)

@@ -39,6 +39,7 @@ from helpers import assert_close_scaled
 
 from fusedres.backends import BACKENDS
 from fusedres.backends.base import Backend
+from fusedres.triton import common
 from fusedres.triton import prologue as tpro
 
 DEVICE, CL, EPS32 = tb.DEVICE, tb.CL, tb.EPS32
@@ -48,11 +49,7 @@ KERNELS = ("conv_bn_stats_grad_y", "prologue", "prologue_backward")
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(tpro, "_empty", empty)
-    monkeypatch.setattr(tb.tbn, "_empty", empty)
+    monkeypatch.setattr(common, "empty", tb.poison_empty)
 
 
 @pytest.fixture(autouse=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import pytest
 import torch
 
 import fusedres
 from fusedres import reference
-from fusedres.backends import BACKENDS, Backend, select_backend, tuning
+from fusedres.backends import BACKENDS, Backend, log, select_backend, tuning
+from fusedres.backends.inputs import ConvInputs
 
 
 class FakeBackend(Backend):
@@ -24,14 +24,14 @@ class FakeBackend(Backend):
     def device_types(self):
         return ("*",)
 
-    def not_supported_reasons(self, op, tensors):
+    def not_supported_reasons(self, inputs):
         return []
 
-    def conv_bias_act(self, *args):
+    def conv_bias_act(self, inputs):
         self.calls += 1
         if self.fail:
             raise RuntimeError("no kernel image for this card")
-        return reference.conv_bias_act(*args)
+        return reference.conv_bias_act(*inputs.args())
 
 
 class FakeTimer:
@@ -75,7 +75,7 @@ def test_times_once_then_reuses_memory_and_disk(tmp_path, backends):
     timer = FakeTimer(triton=2.0, torch=1.0)
     tuner = _tuner(tmp_path, timer)
     args = _args()
-    assert tuner.choose("conv_bias_act", backends, args) is backends[1]
+    assert tuner.choose(backends, ConvInputs(*args)) is backends[1]
     assert timer.timed == ["triton", "torch"]
     (name,) = _files(tmp_path)
     assert name.startswith("conv_bias_act-") and name.endswith(".json")
@@ -84,10 +84,10 @@ def test_times_once_then_reuses_memory_and_disk(tmp_path, backends):
     assert data["key"]["device"] == "Fake GPU 80GB"
     assert set(data["key"]["versions"]) >= {"torch", "triton", "cudnn", "fusedres"}
     # In memory: no timing, no disk access.
-    assert tuner.choose("conv_bias_act", backends, _args()) is backends[1]
+    assert tuner.choose(backends, ConvInputs(*_args())) is backends[1]
     # A fresh process (a new tuner) reads the file instead of timing.
     timer2 = FakeTimer(triton=1.0, torch=2.0)
-    assert _tuner(tmp_path, timer2).choose("conv_bias_act", backends, _args()) is backends[1]
+    assert _tuner(tmp_path, timer2).choose(backends, ConvInputs(*_args())) is backends[1]
     assert timer.timed == ["triton", "torch"] and timer2.timed == []
 
 
@@ -158,8 +158,8 @@ def test_two_writers_leave_one_valid_file(tmp_path):
 
 def test_second_writer_reads_the_first_writers_file(tmp_path, backends):
     a_timer, b_timer = FakeTimer(triton=1.0, torch=2.0), FakeTimer(triton=3.0, torch=2.0)
-    _tuner(tmp_path, a_timer).choose("conv_bias_act", backends, _args())
-    assert _tuner(tmp_path, b_timer).choose("conv_bias_act", backends, _args()).name == "triton"
+    _tuner(tmp_path, a_timer).choose(backends, ConvInputs(*_args()))
+    assert _tuner(tmp_path, b_timer).choose(backends, ConvInputs(*_args())).name == "triton"
     assert b_timer.timed == []
 
 
@@ -181,7 +181,7 @@ def test_bad_cache_file_is_ignored_and_rewritten(tmp_path, backends, content, re
         key = json.loads(json.dumps(tuner.key("conv_bias_act", args, ["triton", "torch"])))
         content = json.dumps({"key": key, "winner": "cuda"})
     path.write_text(content)
-    assert tuner.choose("conv_bias_act", backends, args).name == "triton"
+    assert tuner.choose(backends, ConvInputs(*args)).name == "triton"
     data = json.loads(path.read_text())
     assert data["winner"] == "triton" and data["key"]["op"] == "conv_bias_act"
 
@@ -191,8 +191,8 @@ def test_unwritable_cache_still_works_in_memory(tmp_path, backends):
     blocker.write_text("")
     timer = FakeTimer(triton=1.0, torch=2.0)
     tuner = _tuner(blocker / "sub", timer)  # mkdir fails: a file is in the way
-    assert tuner.choose("conv_bias_act", backends, _args()).name == "triton"
-    assert tuner.choose("conv_bias_act", backends, _args()).name == "triton"
+    assert tuner.choose(backends, ConvInputs(*_args())).name == "triton"
+    assert tuner.choose(backends, ConvInputs(*_args())).name == "triton"
     assert timer.timed == ["triton", "torch"]
 
 
@@ -201,7 +201,7 @@ def test_cache_location_from_environment(tmp_path, monkeypatch, backends):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert tuning.cache_dir() == tmp_path / "explicit" / "dispatch"
     tuner = tuning.Tuner(timer=FakeTimer(triton=1.0, torch=2.0), device_name=lambda d: "Fake")
-    tuner.choose("conv_bias_act", backends, _args())
+    tuner.choose(backends, ConvInputs(*_args()))
     assert len(_files(tmp_path / "explicit" / "dispatch")) == 1
     monkeypatch.delenv("FUSEDRES_CACHE_DIR")
     assert tuning.cache_dir() == tmp_path / "xdg" / "fusedres" / "dispatch"
@@ -214,13 +214,13 @@ def test_one_log_line_per_tuned_shape(tmp_path, backends, caplog):
     caplog.set_level(logging.INFO, logger="fusedres")
     tuner = _tuner(tmp_path, FakeTimer(triton=0.5, torch=0.75))
     for _ in range(3):
-        tuner.choose("conv_bias_act", backends, _args())
-    _tuner(tmp_path, FakeTimer()).choose("conv_bias_act", backends, _args())  # from disk: not tuned again
+        tuner.choose(backends, ConvInputs(*_args()))
+    _tuner(tmp_path, FakeTimer()).choose(backends, ConvInputs(*_args()))  # from disk: not tuned again
     lines = [r.getMessage() for r in caplog.records if r.name == "fusedres"]
     assert len(lines) == 1, lines
     assert lines[0].startswith("fusedres: tuned conv_bias_act Fake GPU 80GB float32[2,4,6,6] float32[8,4,3,3]")
     assert "triton 0.5000 ms, torch 0.7500 ms -> triton (cached in" in lines[0]
-    tuner.choose("conv_bias_act", backends, _args(n=3))
+    tuner.choose(backends, ConvInputs(*_args(n=3)))
     assert len([r for r in caplog.records if r.name == "fusedres"]) == 2
 
 
@@ -228,16 +228,16 @@ def test_log_line_is_seen_without_logging_configured(tmp_path, backends, monkeyp
     """With no handler anywhere, a stderr handler is attached to "fusedres", once."""
     logger = logging.getLogger("fusedres")
     saved_handlers, saved_level = list(logger.handlers), logger.level
-    monkeypatch.setattr(tuning, "_handler_checked", False)
+    monkeypatch.setattr(log, "_handler_checked", False)
     monkeypatch.setattr(logger, "hasHandlers", lambda: False)
     monkeypatch.setattr(logger, "propagate", False)  # keep pytest's own capture out of it
     logger.handlers = []
     logger.setLevel(logging.NOTSET)
     try:
         tuner = _tuner(tmp_path, FakeTimer(triton=1.0, torch=2.0))
-        tuner.choose("conv_bias_act", backends, _args())
-        tuner.choose("conv_bias_act", backends, _args())
-        tuner.choose("conv_bias_act", backends, _args(n=3))
+        tuner.choose(backends, ConvInputs(*_args()))
+        tuner.choose(backends, ConvInputs(*_args()))
+        tuner.choose(backends, ConvInputs(*_args(n=3)))
         assert len(logger.handlers) == 1 and isinstance(logger.handlers[0], logging.StreamHandler)
         assert logger.level == logging.INFO
         assert capsys.readouterr().err.count("fusedres: tuned conv_bias_act") == 2
@@ -250,12 +250,12 @@ def test_never_times_while_compiling(tmp_path, backends, monkeypatch):
     timer = FakeTimer(triton=2.0, torch=1.0)
     tuner = _tuner(tmp_path, timer)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert tuner.choose("conv_bias_act", backends, _args()) is backends[0]  # no winner known: triton
+    assert tuner.choose(backends, ConvInputs(*_args())) is backends[0]  # no winner known: triton
     assert timer.timed == [] and _files(tmp_path) == []
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    assert tuner.choose("conv_bias_act", backends, _args()) is backends[1]
+    assert tuner.choose(backends, ConvInputs(*_args())) is backends[1]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _tuner(tmp_path, timer).choose("conv_bias_act", backends, _args()) is backends[1]  # cached winner
+    assert _tuner(tmp_path, timer).choose(backends, ConvInputs(*_args())) is backends[1]  # cached winner
     assert timer.timed == ["triton", "torch"]
 
 
@@ -265,7 +265,7 @@ def test_never_times_fake_tensors(tmp_path, backends):
     timer = FakeTimer(triton=2.0, torch=1.0)
     with FakeTensorMode():
         args = _args()
-        assert _tuner(tmp_path, timer).choose("conv_bias_act", backends, args) is backends[0]
+        assert _tuner(tmp_path, timer).choose(backends, ConvInputs(*args)) is backends[0]
     assert timer.timed == []
 
 
@@ -273,7 +273,7 @@ def test_failing_candidate_loses(tmp_path, caplog):
     broken, working = FakeBackend("triton", fail=True), FakeBackend("torch")
     tuner = _tuner(tmp_path, FakeTimer(triton=0.1, torch=1.0))
     with caplog.at_level(logging.WARNING, logger="fusedres"):
-        assert tuner.choose("conv_bias_act", [broken, working], _args()) is working
+        assert tuner.choose([broken, working], ConvInputs(*_args())) is working
     assert any("failed on the 'triton' backend while tuning" in r.getMessage() for r in caplog.records)
 
 
@@ -283,25 +283,28 @@ def test_select_backend_consults_the_tuner_only_for_auto(tmp_path, monkeypatch):
     timer = FakeTimer(triton=2.0, torch=1.0)
     monkeypatch.setattr(tuning, "TUNER", _tuner(tmp_path, timer))
     monkeypatch.setattr(type(triton), "device_types", lambda self: ("cuda", "cpu"))
-    monkeypatch.setattr(tuning, "wants_tuning", lambda device_type: tuning.ENABLED and not os.environ.get(
-        "FUSEDRES_BACKEND"))
-    args = _args()
-    tensors = args[:6]
-    assert select_backend("auto", "conv_bias_act", tensors, args=args) is BACKENDS["torch"]
+    monkeypatch.setattr(tuning, "wants_tuning", lambda device_type: tuning.ENABLED)
+    inputs = ConvInputs(*_args())
+    assert select_backend("auto", inputs, tune=True) is BACKENDS["torch"]
     assert timer.timed == ["triton", "torch"]
-    assert select_backend("auto", "conv_bias_act", tensors) is triton  # no args: priority order
-    assert select_backend("triton", "conv_bias_act", tensors, args=args) is triton  # explicit: never tuned
-    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
-    assert select_backend("auto", "conv_bias_act", tensors, args=_args(n=3)) is triton
+    assert select_backend("auto", inputs) is triton  # tune=False: priority order
+    assert select_backend("triton", inputs, tune=True) is triton  # explicit: never tuned
+    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")  # the same as backend="triton"
+    assert select_backend("auto", ConvInputs(*_args(n=3)), tune=True) is triton
     monkeypatch.setattr(tuning, "ENABLED", False)
     monkeypatch.delenv("FUSEDRES_BACKEND")
-    assert select_backend("auto", "conv_bias_act", tensors, args=_args(n=3)) is triton
+    assert select_backend("auto", ConvInputs(*_args(n=3)), tune=True) is triton
     assert timer.timed == ["triton", "torch"]
 
 
-def test_wants_tuning_only_on_cuda_without_env(monkeypatch):
+def test_wants_tuning_only_on_cuda_and_the_env_variable_does_not_change_it(monkeypatch):
+    """$FUSEDRES_BACKEND means what backend= means: an explicit backend is never raced against
+    the others (select_backend), but the triton backend's own conv-backward choice is still
+    tuned, however triton was chosen."""
     assert tuning.wants_tuning("cuda") and not tuning.wants_tuning("cpu")
-    monkeypatch.setenv("FUSEDRES_BACKEND", "torch")
+    monkeypatch.setenv("FUSEDRES_BACKEND", "triton")
+    assert tuning.wants_tuning("cuda")
+    monkeypatch.setattr(tuning, "ENABLED", False)
     assert not tuning.wants_tuning("cuda")
 
 
@@ -332,8 +335,7 @@ def test_auto_does_not_time_the_same_convolution_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "TUNER", _tuner(tmp_path, timer))
     monkeypatch.setattr(type(triton), "device_types", lambda self: ("cuda", "cpu"))
     monkeypatch.setattr(type(BACKENDS["cuda"]), "targets", lambda self, device_type: True)
-    monkeypatch.setattr(type(BACKENDS["cuda"]), "not_supported_reasons", lambda self, op, tensors: [])
+    monkeypatch.setattr(type(BACKENDS["cuda"]), "not_supported_reasons", lambda self, inputs: [])
     monkeypatch.setattr(tuning, "wants_tuning", lambda device_type: True)
-    args = _args()
-    assert select_backend("auto", "conv_bias_act", args[:6], args=args) is BACKENDS["torch"]
+    assert select_backend("auto", ConvInputs(*_args()), tune=True) is BACKENDS["torch"]
     assert timer.timed == ["triton", "torch"]

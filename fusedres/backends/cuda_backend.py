@@ -13,17 +13,18 @@ chain of `conv_bn_stats` (prologue kernel, conv, statistics kernel) ending in on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
 
 import torch
 
 from fusedres import ext, reference
-from fusedres.backends.base import bn_shape_reasons
+from fusedres.backends.inputs import ConvInputs, ConvStatsInputs, FinalizeInputs, StatsInputs, Support, TailInputs
+from fusedres.backends.log import log_once
 from fusedres.backends.torch_backend import TorchBackend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CONV_OPS = ("conv_bias_act",)  # the torch backend's fused library convolutions
-_KERNEL_OPS = ("conv_bn_stats", "bn_stats", "scale_bias_act", "bn_finalize")
+_KERNELS = "the fusedres._C kernels"
+_ACTIVATIONS = Support(kernels=_KERNELS, dtypes=_DTYPES, floating=True, shapes=True)
 
 ext_ops = torch.ops.fusedres
 ext.load_error()  # load now, not first inside a torch.compile trace (registering fakes there breaks the graph)
@@ -31,7 +32,15 @@ ext.load_error()  # load now, not first inside a torch.compile trace (registerin
 
 class CudaBackend(TorchBackend):
     name = "cuda"
+    kernel_family = "fusedres._C"
     relu_mask = True
+    SUPPORT = {
+        ConvInputs: Support(),  # the torch backend's fused library convolutions
+        ConvStatsInputs: Support(kernels=_KERNELS, dtypes=_DTYPES),
+        StatsInputs: _ACTIVATIONS,
+        TailInputs: _ACTIVATIONS,
+        FinalizeInputs: Support(),
+    }
 
     def device_types(self) -> tuple[str, ...]:
         return ("cuda", "cpu")
@@ -41,11 +50,11 @@ class CudaBackend(TorchBackend):
         # pure-Python install runs the torch backend there without a warning.
         return device_type == "cuda" or (device_type == "cpu" and ext.has_kernels("cpu"))
 
-    def implementation(self, op: str) -> str:
-        return "torch" if op in _CONV_OPS else self.name
+    def implementation(self, inputs) -> str:
+        return "torch" if isinstance(inputs, ConvInputs) else self.name
 
-    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
-        devices = sorted({t.device.type for t in tensors if t is not None})
+    def backend_reasons(self, inputs) -> list[str]:
+        devices = inputs.device_types()
         unknown = [d for d in devices if d not in self.device_types()]
         if unknown:
             return [f"inputs are on {', '.join(unknown)}; the cuda backend runs on cuda and cpu"]
@@ -56,45 +65,35 @@ class CudaBackend(TorchBackend):
             if not ext.has_kernels(device_type):
                 return [f"fusedres._C was built without {device_type.upper()} kernels (at build time no CUDA "
                         f"toolkit was found, or FUSEDRES_BUILD_CUDA=0); rebuild where nvcc and CUDA_HOME are set"]
-        if op in _CONV_OPS:
-            return []
-        if op not in _KERNEL_OPS:
-            return [f"no fusedres._C kernel for {op}"]
-        main = tensors[0] if tensors else None
-        if main is None or op == "bn_finalize":
-            return []
-        if main.dtype not in _DTYPES:
-            return [f"dtype {main.dtype} is not supported by the fusedres._C kernels (float16, bfloat16, float32 "
-                    f"and float64 are)"]
-        if op == "conv_bn_stats":
-            return []
-        return bn_shape_reasons(tensors)
+        return []
 
     # Train mode: the elementwise and statistics passes are extension kernels (conv_bn_stats
     # is Backend's composition of prologue, ATen's conv and bn_stats below).
 
-    def bn_stats(self, y):
-        return ext_ops.ext_bn_stats(y)
+    def bn_stats(self, inputs):
+        return ext_ops.ext_bn_stats(inputs.y)
 
-    def scale_bias_act(self, y, scale, bias, residual, residual_scale, residual_bias, relu):
-        return self.scale_bias_act_with_mask(y, scale, bias, residual, residual_scale, residual_bias, relu)[0]
+    def scale_bias_act(self, inputs):
+        i = inputs
+        return ext_ops.ext_scale_bias_act(i.y, i.scale, i.bias, i.residual, i.residual_scale, i.residual_bias, i.relu)
 
-    def scale_bias_act_with_mask(self, y, scale, bias, residual, residual_scale, residual_bias, relu):
-        return ext_ops.ext_scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu)
+    def bn_finalize(self, inputs):
+        i = inputs
+        return ext_ops.ext_bn_finalize(i.mean, i.var, i.weight, i.bias, i.eps)
 
-    def bn_finalize(self, mean, var, weight, bias, eps):
-        return ext_ops.ext_bn_finalize(mean, var, weight, bias, eps)
-
-    def bn_update_running_stats(self, bn, mean, var, count):
-        if count < 2 or bn.num_batches_tracked is None or bn.running_mean.device != mean.device:
-            return super().bn_update_running_stats(bn, mean, var, count)
-        ext_ops.ext_bn_update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var,
-                                            bn.momentum, count)
+    def bn_update_running_stats(self, running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
+        if count < 2:  # an empty batch only counts itself: nothing for a kernel to do
+            return reference.bn_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                                     momentum, count)
+        if running_mean.device != mean.device:
+            log_once(f"fusedres: the running statistics are on {running_mean.device} and the batch statistics on "
+                     f"{mean.device}: the cuda backend updates them with PyTorch ops", logging.WARNING)
+            return reference.bn_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                                     momentum, count)
+        ext_ops.ext_bn_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                                            count)
 
     # Backward passes (called by the public ops' autograd on the backend that ran the forward).
-
-    def bn_stats_backward(self, y, mean, grad_mean, grad_var):
-        return ext_ops.ext_conv_bn_stats_grad_y(None, y, mean, grad_mean, grad_var)
 
     def conv_bn_stats_grad_y(self, grad_y, y, mean, grad_mean, grad_var):
         return ext_ops.ext_conv_bn_stats_grad_y(grad_y, y, mean, grad_mean, grad_var)
@@ -107,7 +106,7 @@ class CudaBackend(TorchBackend):
         return (dx if needs[0] else None), (dscale if needs[1] else None), (dshift if needs[2] else None)
 
     def scale_bias_act_backward(self, grad, out, y, scale, residual, residual_scale, needs, mask=None):
-        if out is not None and mask is None:  # a ReLU output saved without a mask: not made by this backend
+        if out is not None and mask is None:  # an empty y gets no mask: the ReLU output was saved instead
             return super().scale_bias_act_backward(grad, out, y, scale, residual, residual_scale, needs)
         need_dres = bool(needs[3]) and residual is not None
         dy, dscale, dbias, dres, dres_scale = ext_ops.ext_scale_bias_act_backward(

@@ -21,8 +21,8 @@ Everything else runs `fusedres.reference` as written.
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from fusedres import finite_guard, reference
 from fusedres.backends.base import Backend
+from fusedres.backends.inputs import ConvInputs, ConvStatsInputs, FinalizeInputs, StatsInputs, Support, TailInputs
+from fusedres.backends.log import log_once
 
 
 def _mkldnn_pointwise_available() -> bool:
@@ -148,6 +150,8 @@ def _use_cudnn(x: torch.Tensor, weight: torch.Tensor, relu: bool, with_z: bool, 
     # The finiteness check syncs with the host, which a CUDA graph capture forbids: the
     # reference path is always right.
     if torch.cuda.is_current_stream_capturing():
+        log_once("fusedres: the torch backend runs the unfused reference while a CUDA graph is captured (its NaN/Inf "
+                 "check syncs with the host); FUSEDRES_CHECK_FINITE=0 lets cuDNN's fused convolution be captured")
         return False
     return _inputs_finite(x, weight, *others)
 
@@ -159,70 +163,77 @@ def _cudnn_conv_relu(x, weight, bias, stride, padding, dilation, groups, z=None)
         if z is None:
             return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
         return torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except RuntimeError as e:  # e.g. CUDNN_STATUS_NOT_SUPPORTED for this dtype on this build
+    except RuntimeError as e:
+        if not _cudnn_refused(e):
+            raise  # our own shape bugs and asynchronous CUDA errors must surface
         _cudnn_failed.add((x.dtype, z is not None))
-        warnings.warn(f"fusedres: cuDNN's fused convolution failed for {x.dtype} ({e}); using the unfused "
-                      f"reference for it from now on", RuntimeWarning, stacklevel=3)
+        log_once(f"fusedres: cuDNN's fused convolution refused {x.dtype} ({str(e).splitlines()[0]}); using the "
+                 f"unfused reference for it from now on", logging.WARNING)
         return None
+
+
+# What cuDNN (through ATen) raises when it has no engine for a fused convolution: only these
+# mean "take the other path". Anything else is a bug or a CUDA error, and is raised.
+_CUDNN_REFUSALS = ("CUDNN_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_BAD_PARAM", "No valid execution plans",
+                   "GET was unable to find an engine", "FIND was unable to find an engine",
+                   "cuDNN Frontend error")
+
+
+def _cudnn_refused(error: RuntimeError) -> bool:
+    return not isinstance(error, torch.cuda.OutOfMemoryError) and any(s in str(error) for s in _CUDNN_REFUSALS)
 
 
 class TorchBackend(Backend):
     name = "torch"
+    # The reference runs anything PyTorch runs: no kernel of its own to refuse an input.
+    SUPPORT = {op: Support() for op in (ConvInputs, ConvStatsInputs, StatsInputs, TailInputs, FinalizeInputs)}
 
     def device_types(self) -> tuple[str, ...]:
         return ("*",)
 
-    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
-        return []
+    def backend_reasons(self, inputs) -> list[str]:
+        return []  # every device, nothing to build
 
-    def conv_bias_act(self, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
-                      dilation, groups, shortcut_stride, relu):
-        if x.device.type == "cuda":
-            out = self._cudnn_conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride,
-                                            padding, dilation, groups, shortcut_stride, relu)
+    def conv_bias_act(self, inputs: ConvInputs) -> torch.Tensor:
+        i = inputs
+        if i.x.device.type == "cuda":
+            out = self._cudnn_conv_bias_act(i)
             if out is not None:
                 return out
-        if not _use_mkldnn(x, weight, relu, bias, residual, shortcut_x, shortcut_weight):
-            return reference.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride,
-                                           padding, dilation, groups, shortcut_stride, relu)
-        memory_format = reference.conv_output_memory_format(x, weight)
-        bias = None if bias is None else bias.to(torch.float32)
-        if shortcut_x is not None:
+        if not _use_mkldnn(i.x, i.weight, i.relu, i.bias, i.residual, i.shortcut_x, i.shortcut_weight):
+            return reference.conv_bias_act(*i.args())
+        memory_format = reference.conv_output_memory_format(i.x, i.weight)
+        bias = None if i.bias is None else i.bias.to(torch.float32)
+        residual = i.residual
+        if i.shortcut_x is not None:
             # The projection shortcut becomes the residual that the main conv adds in its post-op.
-            sx, sw = shortcut_x.to(torch.float32), shortcut_weight.to(torch.float32)
-            residual = _mkldnn_conv(sx, sw, None, shortcut_stride, [0, 0], [1, 1], 1, False)
+            sx, sw = i.shortcut_x.to(torch.float32), i.shortcut_weight.to(torch.float32)
+            residual = _mkldnn_conv(sx, sw, None, i.shortcut_stride, [0, 0], [1, 1], 1, False)
             if residual is None:
-                residual = F.conv2d(sx, sw, None, shortcut_stride)
+                residual = F.conv2d(sx, sw, None, i.shortcut_stride)
+        conv = (i.stride, i.padding, i.dilation, i.groups)
         if residual is None:
-            out = _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu)
+            out = _mkldnn_conv(i.x, i.weight, bias, *conv, i.relu)
         else:
             residual = residual.to(torch.float32).contiguous(memory_format=memory_format)
-            out = _mkldnn_conv(x, weight, bias, stride, padding, dilation, groups, relu, residual)
+            out = _mkldnn_conv(i.x, i.weight, bias, *conv, i.relu, residual)
         if out is None:
-            return reference.conv_bias_act(x, weight, bias, residual, None, None, stride, padding, dilation, groups,
-                                           shortcut_stride, relu)
+            return reference.conv_bias_act(i.x, i.weight, bias, residual, None, None, *conv, i.shortcut_stride,
+                                           i.relu)
         return out.contiguous(memory_format=memory_format)
 
-    def _cudnn_conv_bias_act(self, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
-                             dilation, groups, shortcut_stride, relu):
+    def _cudnn_conv_bias_act(self, inputs: ConvInputs) -> torch.Tensor | None:
         """The cuDNN fused path, or None where it does not apply."""
-        with_z = residual is not None or shortcut_x is not None
-        if not _use_cudnn(x, weight, relu, with_z, bias, residual, shortcut_x, shortcut_weight):
+        i = inputs
+        with_z = i.residual is not None or i.shortcut_x is not None
+        if not _use_cudnn(i.x, i.weight, i.relu, with_z, i.bias, i.residual, i.shortcut_x, i.shortcut_weight):
             return None
-        memory_format = reference.conv_output_memory_format(x, weight)
-        z = residual
-        if shortcut_x is not None:
+        memory_format = reference.conv_output_memory_format(i.x, i.weight)
+        z = i.residual
+        if i.shortcut_x is not None:
             # The projection shortcut becomes the z that cuDNN adds before its ReLU.
-            z = F.conv2d(shortcut_x.to(x.dtype), shortcut_weight.to(x.dtype), None, shortcut_stride)
+            z = F.conv2d(i.shortcut_x.to(i.x.dtype), i.shortcut_weight.to(i.x.dtype), None, i.shortcut_stride)
         if z is not None:
-            z = z.to(x.dtype).contiguous(memory_format=memory_format)
-        out = _cudnn_conv_relu(x, weight, bias, stride, padding, dilation, groups, z)
+            z = z.to(i.x.dtype).contiguous(memory_format=memory_format)
+        out = _cudnn_conv_relu(i.x, i.weight, i.bias, i.stride, i.padding, i.dilation, i.groups, z)
         return None if out is None else out.contiguous(memory_format=memory_format)
-
-    def bn_stats(self, y):
-        return reference.bn_stats(y)
-
-    def scale_bias_act(self, y, scale, bias, residual, residual_scale, residual_bias, relu):
-        return reference.scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu)

@@ -18,16 +18,24 @@ corrupt files, or a file holding another key, count as a miss and are rewritten.
 
 It never times under torch.compile tracing, with fake tensors or while a CUDA graph is
 being captured: it then takes the cached winner if there is one, else the first candidate
-(triton). Explicit backends and $FUSEDRES_BACKEND never reach it.
+(triton). Under torch.compile the backend is chosen once, when the graph is traced (so run
+the model once eagerly on the GPU first to tune it).
+
+When the tuner runs (`wants_tuning`: CUDA tensors, `ENABLED`):
+
+* `auto` choosing among backends, when more than one can run the input; an explicit
+  backend (`backend="triton"` or $FUSEDRES_BACKEND=triton, which mean the same) is never
+  raced against the others;
+* the triton backend choosing its train-mode conv backward (ATen/cuDNN or its Triton
+  dgrad/wgrad kernels) with FUSEDRES_TRITON_CONV_BACKWARD=auto (the default), however the
+  triton backend was chosen.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,12 +43,14 @@ from typing import Any
 
 import torch
 
-from fusedres.backends.base import Backend
-
-logger = logging.getLogger("fusedres")
+from fusedres.backends.inputs import OpInputs
+from fusedres.backends.log import log, logger
 
 ENABLED = True  # set False to always take the priority order
 CACHE_FORMAT = 1
+# Anything with a `name` and a method named after the op that takes the op's inputs: a
+# Backend, or one of the triton backend's conv-backward implementations.
+Candidate = Any
 Timer = Callable[[str, Callable[[], object]], float]  # (backend name, run once) -> milliseconds
 
 
@@ -133,16 +143,22 @@ def _memory_key(op: str, args: Sequence[Any]) -> tuple:
     return tuple(parts)
 
 
-def _can_measure(args: Sequence[Any]) -> bool:
-    """False under torch.compile tracing, with fake tensors and during CUDA graph capture."""
+def tracing(*values: Any) -> bool:
+    """Whether torch.compile is tracing, or any of `values` is a fake tensor: nothing can be
+    timed or launched on them."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     if is_compiling is not None and is_compiling():
-        return False
+        return True
     try:
         from torch._subclasses.fake_tensor import FakeTensor
     except ImportError:  # pragma: no cover - private API moved
-        FakeTensor = ()  # noqa: N806
-    if any(isinstance(a, FakeTensor) for a in args):
+        return False
+    return any(isinstance(v, FakeTensor) for v in values)
+
+
+def _can_measure(args: Sequence[Any]) -> bool:
+    """False under torch.compile tracing, with fake tensors and during CUDA graph capture."""
+    if tracing(*args):
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -157,9 +173,6 @@ class Tuner:
         self.directory = directory  # None: cache_dir(), read from the environment each time
         self._memory: dict[tuple, str] = {}
         self._device_names: dict[torch.device, str] = {}
-
-    def clear_memory(self) -> None:
-        self._memory.clear()
 
     def folder(self) -> Path:
         return Path(self.directory) if self.directory is not None else cache_dir()
@@ -179,8 +192,9 @@ class Tuner:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return self.folder() / f"{key['op']}-{digest}.json"
 
-    def choose(self, op: str, candidates: Sequence[Backend], args: Sequence[Any]) -> Backend:
-        """The fastest of `candidates` (in priority order) for `op(*args)`."""
+    def choose(self, candidates: Sequence[Candidate], inputs: OpInputs) -> Candidate:
+        """The fastest of `candidates` (in priority order) for `inputs`' op."""
+        op, args = inputs.op, inputs.args()
         by_name = {b.name: b for b in candidates}
         memory_key = (tuple(by_name), *_memory_key(op, args))
         winner = self._memory.get(memory_key)
@@ -191,25 +205,25 @@ class Tuner:
             if winner is None:
                 if not _can_measure(args):
                     return candidates[0]
-                winner, times = self._measure(op, candidates, args)
+                winner, times = self._measure(candidates, inputs)
                 if winner is None:  # every candidate failed: let the first one raise for real
                     return candidates[0]
                 where = self._write(path, key, winner, times)
-                _log_once(f"fusedres: tuned {op} {_short(key)}: "
+                log(f"fusedres: tuned {op} {_short(key)}: "
                           + ", ".join(f"{n} {t:.4f} ms" for n, t in times.items())
                           + f" -> {winner} ({where})")
             self._memory[memory_key] = winner
         return by_name[winner]
 
-    def _measure(self, op: str, candidates: Sequence[Backend], args: Sequence[Any]
-                 ) -> tuple[str | None, dict[str, float]]:
+    def _measure(self, candidates: Sequence[Candidate], inputs: OpInputs) -> tuple[str | None, dict[str, float]]:
+        op = inputs.op
         times: dict[str, float] = {}
         with torch.no_grad():
             for backend in candidates:
                 run = getattr(backend, op)
 
                 def once(run=run):
-                    return run(*args)
+                    return run(inputs)
 
                 try:
                     once()  # compiles and autotunes Triton kernels outside the timing
@@ -221,7 +235,7 @@ class Tuner:
             return None, times
         return min(times, key=times.__getitem__), times
 
-    def _read(self, path: Path, key: dict[str, Any], by_name: dict[str, Backend]) -> str | None:
+    def _read(self, path: Path, key: dict[str, Any], by_name: dict[str, Candidate]) -> str | None:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -266,24 +280,9 @@ def _short(key: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-_handler_checked = False
-
-
-def _log_once(message: str) -> None:
-    """Log at INFO; the first time, make sure the line is seen (a stderr handler on the
-    "fusedres" logger, unless logging is already configured somewhere up the tree)."""
-    global _handler_checked
-    if not _handler_checked:
-        _handler_checked = True
-        if not logger.hasHandlers():
-            logger.addHandler(logging.StreamHandler(sys.stderr))
-            if logger.level == logging.NOTSET:
-                logger.setLevel(logging.INFO)
-    logger.info(message)
-
-
 TUNER = Tuner()
 
 
 def wants_tuning(device_type: str) -> bool:
-    return ENABLED and device_type == "cuda" and not os.environ.get("FUSEDRES_BACKEND", "").strip()
+    """Whether choices on `device_type` are measured (see the module doc)."""
+    return ENABLED and device_type == "cuda"

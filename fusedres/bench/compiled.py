@@ -45,6 +45,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
 
 from fusedres.triton import bn as tbn
+from fusedres.triton import common
 from fusedres.triton import conv as tconv
 from fusedres.triton import conv_backward as tcb
 from fusedres.triton import prologue as tpro
@@ -57,7 +58,7 @@ ARCHS = (90, 80)
 FAMILIES = ("conv", "dgrad", "wgrad", "bn", "prologue")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-_KERNEL_MODULES = (tconv, tcb, tbn, tpro)
+_KERNEL_MODULES = (common, tconv, tcb, tbn, tpro)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def _conv_launches(dtype: torch.dtype, dname: str, sink: list, subset: bool) -> 
         x = _nhwc(conv.batch, conv.c, conv.h, conv.h, dtype=dtype)
         w = _nhwc(conv.oc, conv.c // conv.groups, conv.k, conv.k, dtype=dtype)
         start = len(sink)
-        tconv.conv_bias_act(x, w, stride=conv.stride, padding=conv.pad, groups=conv.groups, **kw)
+        launcher = tconv.conv_bn_stats if kw.pop("stats", False) else tconv.conv_bias_act
+        launcher(x, w, stride=conv.stride, padding=conv.pad, groups=conv.groups, **kw)
         for i in range(start, len(sink)):
             marks.append((i, "conv", f"{conv.describe()} {what}", check and i == start))
 
@@ -264,7 +266,7 @@ def _bn_launches(dtype: torch.dtype, sink: list, subset: bool) -> list[tuple[int
             tbn.scale_bias_act(y, scale, vec_, relu=True)
             tbn.scale_bias_act(y, scale, vec_, residual=y, relu=True)
             tbn.scale_bias_act_backward(y, y, y, scale, y, None, [True, True, True, True, False, False])
-            tbn.bn_stats_backward(y, scale, vec_, vec_)
+            tpro.conv_bn_stats_grad_y(None, y, scale, vec_, vec_)  # bn_stats' backward
         marks += [(i, "bn", f"bn C={c} @{h}", False) for i in range(start, len(sink))]
     return marks
 
@@ -316,12 +318,12 @@ def _configs(launch: Launch, arch: int, subset: bool) -> list[triton.Config | No
     if not isinstance(launch.kernel, Autotuner):
         return [None]
     named = dict(zip(launch.kernel.arg_names, launch.args))
-    saved = tconv._SMEM_TARGET
-    tconv._SMEM_TARGET = (SMEM_LIMIT[arch], arch // 10)
+    saved = common.SMEM_TARGET
+    common.SMEM_TARGET = (SMEM_LIMIT[arch], arch // 10)
     try:
         configs = launch.kernel.early_config_prune(_GPU_CONFIGS[launch.jit.__name__], named, **launch.kwargs)
     finally:
-        tconv._SMEM_TARGET = saved
+        common.SMEM_TARGET = saved
     return configs[:1] if subset else configs
 
 
@@ -332,7 +334,7 @@ def _estimate(launch: Launch, cfg: triton.Config | None, arch: int) -> int | Non
     kw = cfg.kwargs
     elem = launch.args[0].element_size()  # x_ptr / g_ptr
     transform = bool(launch.kwargs.get("HAS_PROLOGUE") or launch.kwargs.get("STATS"))
-    return tconv._smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages, elem, arch // 10,
+    return common.smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages, elem, arch // 10,
                                 transform)
 
 
@@ -569,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="count the variants, compile nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-compile progress on stderr")
     args = parser.parse_args(argv)
-    if tconv._INTERPRET:
+    if common.INTERPRET:
         print("TRITON_INTERPRET=1 is set: the kernels are interpreted functions; run without it", file=sys.stderr)
         return 2
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

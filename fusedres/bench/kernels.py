@@ -23,7 +23,6 @@ from collections.abc import Callable
 import torch
 
 from fusedres import ext, reference
-from fusedres.backends import BACKENDS
 from fusedres.bench import report, roofline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,7 +34,7 @@ SHAPES = [(64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28), (256, 14, 1
 
 def _cases(y: torch.Tensor) -> list[tuple[str, int, Callable, Callable]]:
     """(name, bytes moved, extension call, PyTorch call) for one activation shape."""
-    E, T = torch.ops.fusedres, BACKENDS["torch"]
+    E = torch.ops.fusedres
     c, n, es = y.shape[1], y.numel(), y.element_size()
     acc = reference.accumulation_dtype(y.dtype)
     r, g = torch.randn_like(y), torch.randn_like(y)
@@ -48,16 +47,16 @@ def _cases(y: torch.Tensor) -> list[tuple[str, int, Callable, Callable]]:
         ("bn_stats (vs torch.var_mean)", n * es, lambda: E.ext_bn_stats(y),
          lambda: torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)[::-1]),
         ("tail relu(y*s+b+r) + mask", 3 * n * es + n // 8, lambda: E.ext_scale_bias_act(y, s, b, r, None, None, True),
-         lambda: T.scale_bias_act(y, s, b, r, None, None, True)),
+         lambda: reference.scale_bias_act(y, s, b, r, None, None, True)),
         ("tail backward", 4 * n * es + n // 8,
          lambda: E.ext_scale_bias_act_backward(g, mask, y, s, r, None, True, True),
-         lambda: T.scale_bias_act_backward(g, out, y, s, r, None, needs)),
+         lambda: reference.scale_bias_act_backward(g, out, y, s, r, None, needs)),
         ("prologue relu(x*s+b)", 2 * n * es, lambda: E.ext_prologue(y, s, b, True),
-         lambda: T.prologue(y, s, b, True)),
+         lambda: reference.prologue(y, s, b, True)),
         ("prologue backward", 3 * n * es, lambda: E.ext_prologue_backward(g, y, s, b, True, True),
-         lambda: T.prologue_backward(g, y, s, b, True, (True, True, True))),
+         lambda: reference.prologue_backward(g, y, s, b, True, (True, True, True))),
         ("stats grad into dy", 3 * n * es, lambda: E.ext_conv_bn_stats_grad_y(g, y, mean, b, s),
-         lambda: T.conv_bn_stats_grad_y(g, y, mean, b, s)),
+         lambda: reference.conv_bn_stats_grad_y(g, y, mean, b, s)),
     ]
 
 

@@ -4,82 +4,80 @@ A train-mode conv+BN(+add)+ReLU is `y = conv(x)`, `mean, var = bn_stats(y)`, sca
 bias from them (plain differentiable tensor math in `fusedres.batchnorm`), then
 `scale_bias_act(y, scale, bias, ...)`. The autograd of the two ops below, composed by
 PyTorch's autograd with that math, is exactly nn.BatchNorm2d's backward.
-Semantics: `fusedres.reference.bn_stats` and `fusedres.reference.scale_bias_act`; the
-gradient formulas are `Backend.bn_stats_backward` / `Backend.scale_bias_act_backward`
-(fusedres.backends.base), run by the backend that ran the forward (its name is kept in
-ctx: the triton backend runs Triton kernels, the others PyTorch ops).
+Semantics: `fusedres.reference.bn_stats` / `scale_bias_act`; the gradient formulas are
+`reference.conv_bn_stats_grad_y` (with grad_y None) / `reference.scale_bias_act_backward`,
+run by the backend that ran the forward: the public functions choose it once and pass
+its name to the op, whose fake, autograd context and backward use that name.
 """
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from fusedres import reference
-from fusedres.backends import get_backend, select_backend
+from fusedres.backends import chosen_backend, select_backend
+from fusedres.backends.inputs import StatsInputs, TailInputs
+
+Tensor = torch.Tensor
 
 
-@torch.library.custom_op("fusedres::bn_stats", mutates_args=())
-def bn_stats(y: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return select_backend(backend, "bn_stats", (y,)).bn_stats(y)
+def bn_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased var) of y over (N, H, W), in the accumulation dtype."""
+    return _stats_op(y, select_backend(backend, StatsInputs(y)).name)
 
 
-@bn_stats.register_fake
+@torch.library.custom_op("fusedres::bn_stats", mutates_args=(), schema="(Tensor y, str backend) -> (Tensor, Tensor)")
+def _stats_op(y, backend):
+    return chosen_backend(backend, "bn_stats").bn_stats(StatsInputs(y))
+
+
+@_stats_op.register_fake
 def _(y, backend):
     channels = y.shape[1]
     dtype = reference.accumulation_dtype(y.dtype)
     return y.new_empty(channels, dtype=dtype), y.new_empty(channels, dtype=dtype)
 
 
-def _bn_stats_setup(ctx, inputs, output):
+def _stats_setup(ctx, inputs, output):
     y, backend = inputs
     ctx.save_for_backward(y, output[0])
-    ctx.backend = select_backend(backend, "bn_stats", (y,)).name  # the backend that ran the forward
+    ctx.backend = backend
 
 
-def _bn_stats_backward(ctx, grad_mean, grad_var):
+def _stats_backward(ctx, grad_mean, grad_var):
     y, mean = ctx.saved_tensors
-    return get_backend(ctx.backend).bn_stats_backward(y, mean, grad_mean, grad_var), None
+    return chosen_backend(ctx.backend, "bn_stats").conv_bn_stats_grad_y(None, y, mean, grad_mean, grad_var), None
 
 
-bn_stats.register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup)
+_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
 
 
-@torch.library.custom_op("fusedres::scale_bias_act", mutates_args=())
-def _scale_bias_act(
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    residual_scale: Optional[torch.Tensor],
-    residual_bias: Optional[torch.Tensor],
-    relu: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias)
-    return impl.scale_bias_act_with_mask(y, scale, bias, residual, residual_scale, residual_bias, relu)
-
-
-def scale_bias_act(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
-                   residual_scale: Optional[torch.Tensor], residual_bias: Optional[torch.Tensor], relu: bool,
-                   backend: str) -> torch.Tensor:
+def scale_bias_act(y: Tensor, scale: Tensor, bias: Tensor, residual: Tensor | None, residual_scale: Tensor | None,
+                   residual_bias: Tensor | None, relu: bool, backend: str) -> Tensor:
     """act(y*scale + bias + r): `reference.scale_bias_act` (the block tail)."""
-    return _scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu, backend)[0]
+    inputs = TailInputs(y, scale, bias, residual, residual_scale, residual_bias, relu)
+    return _tail_op(*inputs.args(), select_backend(backend, inputs).name)[0]
 
 
-def _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias):
-    return select_backend(backend, "scale_bias_act", (y, scale, bias, residual, residual_scale, residual_bias))
+_TAIL_SCHEMA = ("(Tensor y, Tensor scale, Tensor bias, Tensor? residual, Tensor? residual_scale, "
+                "Tensor? residual_bias, bool relu, str backend) -> (Tensor, Tensor)")
 
 
-@_scale_bias_act.register_fake
+@torch.library.custom_op("fusedres::scale_bias_act", mutates_args=(), schema=_TAIL_SCHEMA)
+def _tail_op(y, scale, bias, residual, residual_scale, residual_bias, relu, backend):
+    inputs = TailInputs(y, scale, bias, residual, residual_scale, residual_bias, relu)
+    return chosen_backend(backend, "scale_bias_act").scale_bias_act(inputs)
+
+
+@_tail_op.register_fake
 def _(y, scale, bias, residual, residual_scale, residual_bias, relu, backend):
     # The mask's size depends on the backend (1 bit per element where it makes one).
-    impl = _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias)
-    mask_bytes = (y.numel() + 7) // 8 if relu and impl.relu_mask else 0
+    mask_bytes = (y.numel() + 7) // 8 if relu and chosen_backend(backend, "scale_bias_act").relu_mask else 0
     out = torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
     return out, y.new_empty(mask_bytes, dtype=torch.uint8)
 
 
-def _sba_setup(ctx, inputs, output):
+def _tail_setup(ctx, inputs, output):
     y, scale, bias, residual, residual_scale, residual_bias, relu, backend = inputs
     out, mask = output
     has_mask = mask.numel() > 0
@@ -88,14 +86,13 @@ def _sba_setup(ctx, inputs, output):
     ctx.save_for_backward(y, scale, residual, residual_scale, out if relu and not has_mask else None,
                           mask if has_mask else None)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (scale, bias, residual_scale, residual_bias))
-    # The backend that ran the forward runs the backward.
-    ctx.backend = _sba_backend(backend, y, scale, bias, residual, residual_scale, residual_bias).name
+    ctx.backend = backend
 
 
-def _sba_backward(ctx, grad, _grad_mask):
+def _tail_backward(ctx, grad, _grad_mask):
     y, scale, residual, residual_scale, out, mask = ctx.saved_tensors
-    grads = list(get_backend(ctx.backend).scale_bias_act_backward(
-        grad, out, y, scale, residual, residual_scale, ctx.needs_input_grad[:6], mask=mask))
+    grads = list(chosen_backend(ctx.backend, "scale_bias_act").scale_bias_act_backward(
+        grad, out, y, scale, residual, residual_scale, tuple(ctx.needs_input_grad[:6]), mask=mask))
     # Per-channel grads come in the accumulation dtype: give each its input's dtype.
     for i, dtype in zip((1, 2, 4, 5), ctx.dtypes):
         if grads[i] is not None:
@@ -105,4 +102,4 @@ def _sba_backward(ctx, grad, _grad_mask):
     return (*grads, None, None)
 
 
-_scale_bias_act.register_autograd(_sba_backward, setup_context=_sba_setup)
+_tail_op.register_autograd(_tail_backward, setup_context=_tail_setup)

@@ -1,56 +1,58 @@
 """fusedres::conv_bias_act: an eval-mode convolution with BN folded in, residual and ReLU.
 
-Semantics: `fusedres.reference.conv_bias_act`. The autograd formula lets eval-mode
-models be differentiated (input gradients, fine-tuning with frozen BN).
+Semantics: `fusedres.reference.conv_bias_act`. `conv_bias_act` below chooses the backend
+(once per call; `auto` may tune) and runs the registered op with that backend's name. The
+autograd formula lets eval-mode models be differentiated (input gradients, fine-tuning
+with frozen BN).
 """
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
 from fusedres import reference
-from fusedres.backends import select_backend
+from fusedres.backends import chosen_backend, select_backend
+from fusedres.backends.inputs import ConvInputs
+
+_SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? shortcut_x, Tensor? shortcut_weight, "
+           "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu, str backend) "
+           "-> Tensor")
 
 
-def _conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                  shortcut_x: torch.Tensor | None, shortcut_weight: torch.Tensor | None, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int, shortcut_stride: list[int], relu: bool,
+                  backend: str) -> torch.Tensor:
+    """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) on `backend`
+    ("auto", "triton", "cuda" or "torch"; see `fusedres.backends`)."""
+    inputs = ConvInputs(x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride), list(padding),
+                        list(dilation), groups, list(shortcut_stride), relu)
+    impl = select_backend(backend, inputs, tune=True)
+    return _op(*inputs.args(), impl.name)
 
 
-@torch.library.custom_op("fusedres::conv_bias_act", mutates_args=())
-def conv_bias_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    shortcut_x: Optional[torch.Tensor],
-    shortcut_weight: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    shortcut_stride: list[int],
-    relu: bool,
-    backend: str,
-) -> torch.Tensor:
-    args = (x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-            shortcut_stride, relu)
-    impl = select_backend(backend, "conv_bias_act", args[:6], args=args)
-    return impl.conv_bias_act(*args)
+@torch.library.custom_op("fusedres::conv_bias_act", mutates_args=(), schema=_SCHEMA)
+def _op(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+        shortcut_stride, relu, backend):
+    inputs = ConvInputs(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+                        shortcut_stride, relu)
+    return chosen_backend(backend, "conv_bias_act").conv_bias_act(inputs)
 
 
-@conv_bias_act.register_fake
-def _(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-      shortcut_stride, relu, backend):
+def conv_output_like(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                     dilation: list[int]) -> torch.Tensor:
+    """An empty tensor shaped, typed and laid out as PyTorch's convolution output (the fakes)."""
     n, _, h, w = x.shape
     kh, kw = weight.shape[2:]
-    shape = (
-        n,
-        weight.shape[0],
-        _conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
-        _conv_output_size(w, kw, stride[1], padding[1], dilation[1]),
-    )
-    memory_format = reference.conv_output_memory_format(x, weight)
-    return x.new_empty(shape).contiguous(memory_format=memory_format)
+    shape = (n, weight.shape[0], reference.conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+             reference.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    return x.new_empty(shape).contiguous(memory_format=reference.conv_output_memory_format(x, weight))
+
+
+@_op.register_fake
+def _(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+      shortcut_stride, relu, backend):
+    return conv_output_like(x, weight, stride, padding, dilation)
 
 
 def _setup_context(ctx, inputs, output):
@@ -82,4 +84,4 @@ def _backward(ctx, grad):
     return grad_x, grad_w, grad_bias, grad_residual, grad_sx, grad_sw, None, None, None, None, None, None, None
 
 
-conv_bias_act.register_autograd(_backward, setup_context=_setup_context)
+_op.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,8 @@ small kernel reduces those rows in a fixed order, so results are deterministic.
 * `scale_bias_act_backward`: one pass over grad/out/y/residual writes dy and dresidual and
   the tile's partial sums of g*y, g and g*residual (only those asked for); a column-sum
   kernel adds the partials up in fp64.
-* `bn_stats_backward`: dy = grad_mean/count + (y - mean)*grad_var*2/count, elementwise.
+* the backward of `bn_stats` (dy = grad_mean/count + (y - mean)*grad_var*2/count) is
+  `fusedres.triton.prologue.conv_bn_stats_grad_y` without its grad_y term.
 
 Semantics: `fusedres.reference` and the PyTorch backward formulas in
 `fusedres.backends.base.Backend`.
@@ -33,42 +34,18 @@ import triton
 import triton.language as tl
 
 from fusedres import reference
-from fusedres.triton.conv import _INTERPRET, _stats_combine_kernel
+from fusedres.triton import common
+from fusedres.triton.common import CL, tile
 
-_CL = torch.channels_last
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Tile sizes (constexpr). The interpreter runs every program in Python: small tiles, so
-# that the CPU tests cover several row and channel tiles and their masked tails.
-if _INTERPRET:
-    _STATS = (32, 16, 4)  # BLOCK_M, BLOCK_C, num_warps of the statistics kernel
-    _ELEMENTWISE_ELEMS, _ELEMENTWISE_MAX_C = 256, 16
-    _COMBINE = (16, 16)  # BLOCK_P, BLOCK_C of the combine kernels
-else:
-    # Memory-bound passes: ~4096 elements per program, 16-byte vector loads along C.
-    _STATS = (256, 32, 8)
-    _ELEMENTWISE_ELEMS, _ELEMENTWISE_MAX_C = 4096, 128
-    _COMBINE = (64, 64)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+# BLOCK_M, BLOCK_C, num_warps of the statistics kernel. The interpreter runs every program in
+# Python: small tiles, so that the CPU tests cover several row and channel tiles and their
+# masked tails.
+_STATS = (32, 16, 4) if common.INTERPRET else (256, 32, 8)
 
 
 def _stats_config(c: int) -> tuple[int, int, int]:
     block_m, block_c, warps = _STATS
-    return block_m, min(block_c, _pow2_at_least(c)), warps
-
-
-def _elementwise_config(c: int) -> tuple[int, int, int]:
-    block_c = min(_ELEMENTWISE_MAX_C, _pow2_at_least(c))
-    block_m = max(1, _ELEMENTWISE_ELEMS // block_c)
-    return block_m, block_c, 4
-
-
-def _empty(*args, **kwargs) -> torch.Tensor:
-    """Every buffer the launchers allocate (tests poison it with NaN to catch unwritten elements)."""
-    return torch.empty(*args, **kwargs)
+    return block_m, min(block_c, common.pow2_at_least(c)), warps
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,12 +55,8 @@ def _empty(*args, **kwargs) -> torch.Tensor:
 @triton.jit
 def _stats_partial_kernel(y_ptr, m0_ptr, dm_ptr, m2_ptr, M, C,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    x = tl.load(y_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    pid_m, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
+    x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     n = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     m0 = tl.sum(x, axis=0) / n
     d = tl.where(mask, x - m0[None, :], 0.0)
@@ -100,37 +73,10 @@ def _stats_partial_kernel(y_ptr, m0_ptr, dm_ptr, m2_ptr, M, C,
 
 
 @triton.jit
-def _partial_sums_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, P, C, NR: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out_s[c] = sum_p part[p, s, c] of a [P, NR, C] fp32 partial buffer, in fp64, stored as
-    fp32; program (i, s) sums channels [i*BLOCK_C, (i+1)*BLOCK_C) of slot s."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    slot = tl.program_id(1)
-    mask_c = cols < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        mask = (ps < P)[:, None] & mask_c[None, :]
-        offs = ps[:, None] * (NR * C) + slot * C + cols[None, :]
-        acc += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0).to(tl.float64), axis=0)
-    total = acc.to(tl.float32)
-    if slot == 0:
-        tl.store(out0_ptr + cols, total, mask=mask_c)
-    if slot == 1:
-        tl.store(out1_ptr + cols, total, mask=mask_c)
-    if slot == 2:
-        tl.store(out2_ptr + cols, total, mask=mask_c)
-
-
-@triton.jit
 def _sba_forward_kernel(y_ptr, scale_ptr, bias_ptr, r_ptr, rs_ptr, rb_ptr, out_ptr, M, C,
                         HAS_RES: tl.constexpr, RES_AFFINE: tl.constexpr, RELU: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    _, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
     bias = tl.load(bias_ptr + cols, mask=mask_c, other=0.0)
     acc = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + bias[None, :]
@@ -152,12 +98,7 @@ def _sba_backward_kernel(g_ptr, out_ptr, y_ptr, scale_ptr, r_ptr, rs_ptr, dy_ptr
                          NEED_DR: tl.constexpr, SLOT_GY: tl.constexpr, SLOT_G: tl.constexpr,
                          SLOT_GR: tl.constexpr, NR: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    pid_m, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         out = tl.load(out_ptr + offs, mask=mask, other=0.0)
@@ -182,72 +123,19 @@ def _sba_backward_kernel(g_ptr, out_ptr, y_ptr, scale_ptr, r_ptr, rs_ptr, dy_ptr
         tl.store(part + SLOT_GR * C, tl.sum(g * r, axis=0), mask=mask_c)
 
 
-@triton.jit
-def _stats_backward_kernel(y_ptr, mean_ptr, gm_ptr, gv_ptr, dy_ptr, M, C, count, two_over_count,
-                           HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    if HAS_GM:
-        gm = tl.load(gm_ptr + cols, mask=mask_c, other=0.0)
-        acc += (gm / count)[None, :]
-    if HAS_GV:
-        gv = tl.load(gv_ptr + cols, mask=mask_c, other=0.0)
-        mean = tl.load(mean_ptr + cols, mask=mask_c, other=0.0)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += (y - mean[None, :]) * gv[None, :] * two_over_count
-    tl.store(dy_ptr + offs, acc.to(dy_ptr.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------------------------------
 # Launchers
 
 
-def _check_activation(name: str, t: torch.Tensor, shape: torch.Size | None = None) -> None:
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-    if shape is not None and t.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if t.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"the Triton BatchNorm kernels need CUDA tensors (or TRITON_INTERPRET=1), "
-                         f"got {name} on {t.device}")
-
-
 def _check_y(y: torch.Tensor) -> None:
-    _check_activation("y", y)
-    if y.dtype not in _SUPPORTED_DTYPES:
+    common.check_activation("y", y)
+    if y.dtype not in common.DTYPES:
         raise TypeError(f"the Triton BatchNorm kernels support float16, bfloat16 and float32, got {y.dtype}")
-
-
-def _channels(name: str, t: torch.Tensor, c: int, device: torch.device) -> torch.Tensor:
-    """A per-channel vector as contiguous fp32 (the reference casts it to fp32 too)."""
-    if t.numel() != c:
-        raise ValueError(f"{name} has {t.numel()} elements, expected one per channel ({c})")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    return t.reshape(c).to(torch.float32).contiguous()
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as channels_last, whose memory is the row-major [N*H*W, C] matrix the kernels read."""
-    return t.contiguous(memory_format=_CL)
-
-
-def _like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return _empty(t.shape, dtype=dtype or t.dtype, device=t.device, memory_format=_CL)
 
 
 def _as_reference_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The kernels write channels_last; give the memory format the reference gives."""
-    if reference.suggest_memory_format(like) != _CL:
+    if reference.suggest_memory_format(like) != CL:
         out = out.contiguous()
     return out
 
@@ -257,23 +145,20 @@ def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_y(y)
     n, c, h, w = y.shape
     m = n * h * w
-    mean = _empty(c, dtype=torch.float32, device=y.device)
-    var = _empty(c, dtype=torch.float32, device=y.device)
+    mean = common.empty(c, dtype=torch.float32, device=y.device)
+    var = common.empty(c, dtype=torch.float32, device=y.device)
     if c == 0:
         return mean, var
     if m == 0:
         return mean.fill_(float("nan")), var.fill_(float("nan"))  # the mean of nothing, as torch.mean
     block_m, block_c, warps = _stats_config(c)
     p = triton.cdiv(m, block_m)
-    m0, dm, m2 = (_empty((p, c), dtype=torch.float32, device=y.device) for _ in range(3))
+    m0, dm, m2 = (common.empty((p, c), dtype=torch.float32, device=y.device) for _ in range(3))
     _stats_partial_kernel[(p, triton.cdiv(c, block_c))](
-        _rows(y), m0, dm, m2, m, c, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-    block_p, block_cc = _COMBINE
-    block_cc = min(block_cc, _pow2_at_least(c))
+        common.rows(y), m0, dm, m2, m, c, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     # The combine is shared with the conv kernel's statistics epilogue; here every partial
     # row holds block_m values (the last one fewer), so no count buffer (m0 stands in).
-    _stats_combine_kernel[(triton.cdiv(c, block_cc),)](
-        m0, m0, dm, m2, mean, var, m, c, p, TILE_M=block_m, HAS_COUNT=False, BLOCK_P=block_p, BLOCK_C=block_cc)
+    common.combine_stats(m0, m0, dm, m2, mean, var, m, p, block_m, False)
     return mean, var
 
 
@@ -285,26 +170,25 @@ def scale_bias_act(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, res
     `fusedres.reference.scale_bias_act` gives."""
     _check_y(y)
     n, c, h, w = y.shape
-    scale_t, bias_t = _channels("scale", scale, c, y.device), _channels("bias", bias, c, y.device)
+    scale_t, bias_t = common.channels("scale", scale, c, y.device), common.channels("bias", bias, c, y.device)
     if residual is None:
         residual_scale = None  # as the reference: no residual, nothing to scale
     elif residual_scale is not None and residual_bias is None:
         raise ValueError("residual_scale needs residual_bias")
     res_t = rs_t = rb_t = scale_t
     if residual is not None:
-        _check_activation("residual", residual, y.shape)
-        res_t = _rows(residual)
+        common.check_activation("residual", residual, y.shape)
+        res_t = common.rows(residual)
         if residual_scale is not None:
-            rs_t = _channels("residual_scale", residual_scale, c, y.device)
-            rb_t = _channels("residual_bias", residual_bias, c, y.device)
-    out = _like(y)
+            rs_t = common.channels("residual_scale", residual_scale, c, y.device)
+            rb_t = common.channels("residual_bias", residual_bias, c, y.device)
+    out = common.like(y)
     m = n * h * w
     if m and c:
-        block_m, block_c, warps = _elementwise_config(c)
-        _sba_forward_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-            _rows(y), scale_t, bias_t, res_t, rs_t, rb_t, out, m, c,
-            HAS_RES=residual is not None, RES_AFFINE=residual_scale is not None, RELU=relu,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        grid, meta = common.elementwise_launch(m, c)
+        _sba_forward_kernel[grid](common.rows(y), scale_t, bias_t, res_t, rs_t, rb_t, out, m, c,
+                                  HAS_RES=residual is not None, RES_AFFINE=residual_scale is not None, RELU=relu,
+                                  **meta)
     return _as_reference_format(out, y)
 
 
@@ -331,78 +215,42 @@ def scale_bias_act_backward(grad: torch.Tensor, out: torch.Tensor | None, y: tor
     (`sba_backward_outputs`).
     """
     _check_y(y)
-    _check_activation("grad", grad, y.shape)
+    common.check_activation("grad", grad, y.shape)
     if out is not None:
-        _check_activation("out", out, y.shape)
+        common.check_activation("out", out, y.shape)
     n, c, h, w = y.shape
     m = n * h * w
     want = sba_backward_outputs(needs, residual, residual_scale)
     need_dy, need_gy, need_g, need_dr, need_gr, need_rb = want
-    scale_t = _channels("scale", scale, c, y.device)
+    scale_t = common.channels("scale", scale, c, y.device)
     rs_t = scale_t
     res_t = y
     if residual is not None:
-        _check_activation("residual", residual, y.shape)
-        res_t = _rows(residual) if need_dr or need_gr else residual
+        common.check_activation("residual", residual, y.shape)
+        res_t = common.rows(residual) if need_dr or need_gr else residual
         if residual_scale is not None:
-            rs_t = _channels("residual_scale", residual_scale, c, y.device)
-    dy = _like(y) if need_dy else None
-    dr = _like(residual) if need_dr else None
-    slots: dict[str, int] = {}
-    for name, wanted in (("gy", need_gy), ("g", need_g or need_rb), ("gr", need_gr)):
-        if wanted:
-            slots[name] = len(slots)
-    sums = [_empty(c, dtype=torch.float32, device=y.device) for _ in slots]
-    if m and c and (need_dy or need_dr or slots):
-        block_m, block_c, warps = _elementwise_config(c)
-        p = triton.cdiv(m, block_m)
-        y_t = _rows(y) if "gy" in slots else y
-        part = _empty((p, len(slots), c), dtype=torch.float32, device=y.device) if slots else y_t
-        _sba_backward_kernel[(p, triton.cdiv(c, block_c))](
-            _rows(grad), _rows(out) if out is not None else y_t, y_t, scale_t, res_t, rs_t,
+            rs_t = common.channels("residual_scale", residual_scale, c, y.device)
+    dy = common.like(y) if need_dy else None
+    dr = common.like(residual) if need_dr else None
+    sums = common.ChannelSums((("gy", need_gy), ("g", need_g or need_rb), ("gr", need_gr)), c, y.device)
+    if m and c and (need_dy or need_dr or sums.nr):
+        grid, meta = common.elementwise_launch(m, c)
+        y_t = common.rows(y) if need_gy else y
+        part = sums.partials(grid[0], y_t)
+        _sba_backward_kernel[grid](
+            common.rows(grad), common.rows(out) if out is not None else y_t, y_t, scale_t, res_t, rs_t,
             dy if dy is not None else y_t, dr if dr is not None else y_t, part, m, c,
             RELU=out is not None, RES_AFFINE=residual_scale is not None, NEED_DY=need_dy, NEED_DR=need_dr,
-            SLOT_GY=slots.get("gy", -1), SLOT_G=slots.get("g", -1), SLOT_GR=slots.get("gr", -1), NR=len(slots),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        if slots:
-            block_p, block_cc = _COMBINE
-            block_cc = min(block_cc, _pow2_at_least(c))
-            outs = (*sums, *[sums[0]] * (3 - len(sums)))
-            _partial_sums_kernel[(triton.cdiv(c, block_cc), len(slots))](
-                part, *outs, p, c, NR=len(slots), BLOCK_P=block_p, BLOCK_C=block_cc)
+            SLOT_GY=sums.slot("gy"), SLOT_G=sums.slot("g"), SLOT_GR=sums.slot("gr"), NR=sums.nr, **meta)
+        sums.reduce(part)
     else:
-        for s in sums:
-            s.zero_()  # sums over an empty batch
-    dbias = sums[slots["g"]] if need_g else None
-    dres_bias = None
-    if need_rb:
-        dres_bias = sums[slots["g"]].clone() if need_g else sums[slots["g"]]
+        sums.zero()
+    g_sum = sums.get("g")
     return (
         None if dy is None else _as_reference_format(dy, y),
-        sums[slots["gy"]] if need_gy else None,
-        dbias,
+        sums.get("gy"),
+        g_sum if need_g else None,
         None if dr is None else _as_reference_format(dr, residual),
-        sums[slots["gr"]] if need_gr else None,
-        dres_bias,
+        sums.get("gr"),
+        (g_sum.clone() if need_g else g_sum) if need_rb else None,  # dbias and dresidual_bias: two tensors
     )
-
-
-def bn_stats_backward(y: torch.Tensor, mean: torch.Tensor, grad_mean: torch.Tensor | None,
-                      grad_var: torch.Tensor | None) -> torch.Tensor:
-    """dy = grad_mean/count + (y - mean)*grad_var*2/count (count = N*H*W; a None grad adds
-    nothing), fp32 math, in y's dtype and the reference's memory format for y."""
-    _check_y(y)
-    n, c, h, w = y.shape
-    m = n * h * w
-    mean_t = _channels("mean", mean, c, y.device)
-    gm_t = _channels("grad_mean", grad_mean, c, y.device) if grad_mean is not None else mean_t
-    gv_t = _channels("grad_var", grad_var, c, y.device) if grad_var is not None else mean_t
-    dy = _like(y)
-    if m and c:
-        block_m, block_c, warps = _elementwise_config(c)
-        y_t = _rows(y) if grad_var is not None else dy
-        _stats_backward_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-            y_t, mean_t, gm_t, gv_t, dy, m, c, float(m), 2.0 / m,
-            HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-    return _as_reference_format(dy, y)

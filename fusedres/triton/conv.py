@@ -26,7 +26,10 @@ A projection shortcut adds a second K loop over shortcut_x's channels (1x1, grou
 stride shortcut_stride) into the same fp32 accumulator, so its output is never written.
 The epilogue (bias, residual, ReLU, cast) runs in fp32. Global offsets are int64.
 
-Batch statistics (`stats=True`, the cuDNN "genstats" scheme; no bias/residual/shortcut/ReLU):
+Two launchers share the kernel: `conv_bias_act` (the fused epilogue above) and
+`conv_bn_stats`, which returns y = conv2d(P(x), weight) with its batch statistics.
+
+Batch statistics (`conv_bn_stats`, the cuDNN "genstats" scheme; no bias/residual/shortcut/ReLU):
 the epilogue rounds its tile to the output dtype and back (the statistics are those of
 the stored y, as `reference.conv_bn_stats` computes them) and reduces its valid rows per
 channel with the corrected two-pass algorithm `fusedres.triton.bn` uses: m0 = sum(y)/n,
@@ -35,16 +38,16 @@ sum(d)^2/n. The launcher cannot know the autotuner's BLOCK_M before the launch, 
 [rows, OC] partial buffers have one row per STATS_TILE_M (the smallest BLOCK_M of any
 config) output pixels: the program for M tile i (BLOCK_M = k * STATS_TILE_M) writes row
 i*k, and the per-row count buffer holds its number of valid pixels there and 0 in rows
-i*k+1 .. i*k+k-1 (written only by the programs of N tile 0). A second kernel merges the
-rows with a nonzero count in a fixed order, in fp64 (Chan et al.'s parallel formula in
-its two-pass form): mean = sum(n_i*mean_i)/M, var = sum(M2_i + n_i*(mean_i - mean)^2)/M.
+i*k+1 .. i*k+k-1 (written only by the programs of N tile 0). A second kernel
+(`fusedres.triton.common.combine_stats`) merges the rows with a nonzero count in a fixed
+order, in fp64 (Chan et al.'s parallel formula in its two-pass form): mean =
+sum(n_i*mean_i)/M, var = sum(M2_i + n_i*(mean_i - mean)^2)/M.
 No atomics: for one config the result is deterministic.
 """
 
 from __future__ import annotations
 
-import functools
-import os
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -52,88 +55,19 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fusedres.triton import common
+from fusedres.triton.common import CL, ConvGeometry, config, mma
 
-
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-
-
-# Hopper-sensible tiles; `_prune_configs` shrinks BLOCK_N/BLOCK_K to the problem.
-_GPU_CONFIGS = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(128, 128, 32, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 64, 32, 4, 3),
-    _config(128, 32, 64, 4, 4),
-    _config(64, 16, 64, 4, 3),
-]
-# The interpreter runs every program in Python: one small config, nothing to tune.
-# FUSEDRES_TRITON_AUTOTUNE=0 keeps one GPU config too: correctness runs (the GPU tests)
-# then compile each kernel variant once instead of once per config.
-if _INTERPRET:
-    _CONFIGS = [_config(32, 16, 16, 4, 1)]
-elif os.environ.get("FUSEDRES_TRITON_AUTOTUNE", "1") == "0":
-    _CONFIGS = [_config(64, 64, 32, 4, 3)]
-else:
-    _CONFIGS = _GPU_CONFIGS
+# Hopper-sensible tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); `_prune_configs`
+# shrinks BLOCK_N/BLOCK_K to the problem.
+_GPU_CONFIGS = common.configs((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4),
+                              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3), (128, 32, 64, 4, 4),
+                              (64, 16, 64, 4, 3))
+_CONFIGS = common.select_configs(_GPU_CONFIGS, interpreted=config(32, 16, 16, 4, 1), fixed=config(64, 64, 32, 4, 3))
 
 # Rows of the statistics partial buffers: one per this many output pixels (every config's
 # BLOCK_M is a multiple of it; see the module docstring).
 _STATS_TILE_M = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
-_STATS_COMBINE = (16, 16) if _INTERPRET else (64, 64)  # BLOCK_P, BLOCK_C of the combine kernel
-
-# Shared memory per block: the device's opt-in limit and its compute capability (the
-# pipeline's depth depends on it), read once per device at autotune time. The ahead-of-time
-# check (fusedres.bench.compiled) sets _SMEM_TARGET to its target card's.
-_SMEM_TARGET: tuple[int, int] | None = None  # (bytes, capability major)
-_SMEM_BUDGET = 232448  # off CUDA (the interpreter has no limit): H100's 227 KiB
-
-
-@functools.cache
-def _device_smem(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    limit = getattr(props, "shared_memory_per_block_optin", 0)
-    if not limit:  # older torch: ask Triton's driver
-        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return int(limit), props.major
-
-
-def _smem_target(t: torch.Tensor) -> tuple[int, int]:
-    """(bytes of shared memory one program may use, compute capability major) on t's device."""
-    if _SMEM_TARGET is not None:
-        return _SMEM_TARGET
-    if t.device.type != "cuda":
-        return _SMEM_BUDGET, 9
-    return _device_smem(t.device.index if t.device.index is not None else torch.cuda.current_device())
-
-
-def _smem_estimate(bm: int, bn: int, bk: int, stages: int, elem: int, major: int, transform: bool = False) -> int:
-    """An upper bound of a config's shared memory, checked against every compiled variant by
-    fusedres.bench.compiled: the pipelined A/B tiles (num_stages copies with Hopper's wgmma,
-    one fewer with mma.sync), plus, when A is transformed in registers (the BN prologue) or the
-    epilogue reduces (statistics), the A tile's staging/layout-conversion scratch (at most one
-    fp32 A tile) and the reductions' scratch. The epilogue may convert the fp32 accumulator's
-    layout through shared memory once the pipeline is drained (seen in the stem's wgrad: 32 KiB
-    for a 64x128 tile over 24 KiB of pipeline), so never less than one fp32 [bm, bn] tile."""
-    buffers = stages if major >= 9 else stages - 1
-    est = buffers * (bm * bk + bk * bn) * elem
-    if transform:
-        est += bm * bk * 4 + 2048
-    return max(est, bm * bn * 4)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _empty(*args, **kwargs) -> torch.Tensor:
-    """The statistics buffers the launcher allocates (tests poison them with NaN)."""
-    return torch.empty(*args, **kwargs)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -141,39 +75,17 @@ def _prune_configs(configs, named_args, **kwargs):
     whose estimated shared memory exceeds the device's and configs that spill registers
     (measured by fusedres.bench.compiled: 255 registers and spills beyond these per-thread sizes)."""
     args = {**named_args, **kwargs}
-    ocg, cg, k_total, flat_k = args["OCg"], args["Cg"], args["K_TOTAL"], args["FLAT_K"]
-    elem = args["x_ptr"].element_size()
-    limit, major = _smem_target(args["x_ptr"])
+    cg, flat_k = args["Cg"], args["FLAT_K"]
     prologue, stats = bool(args.get("HAS_PROLOGUE")), bool(args.get("STATS"))
     fp32_tiles = bool(args.get("HAS_RES")) or stats  # the epilogue holds a second fp32 tile
-    bn_cap = max(16, _pow2_at_least(ocg))
-    bk_cap = max(16, _pow2_at_least(k_total if flat_k else cg))
-    out, seen = [], set()
-    for cfg in configs:
-        bm, bn, bk = cfg.kwargs["BLOCK_M"], min(cfg.kwargs["BLOCK_N"], bn_cap), min(cfg.kwargs["BLOCK_K"], bk_cap)
-        threads = 32 * cfg.num_warps
-        while not flat_k and bk > 16 and cg % bk:  # tap mode: chunks should tile Cg exactly
-            bk //= 2
-        while flat_k and bk > 16 and bm * bk > 16 * threads:  # flat mode's per-element addresses: <= 16 a thread
-            bk //= 2
+
+    def spills(bm: int, bn: int, bk: int, threads: int) -> bool:
         acc = bm * bn // threads  # fp32 accumulators a thread holds
-        if (fp32_tiles and acc > 64) or (prologue and acc + bm * bk // threads > 96):
-            continue
-        if _smem_estimate(bm, bn, bk, cfg.num_stages, elem, major, prologue or stats) > limit:
-            continue
-        key = (bm, bn, bk, cfg.num_warps, cfg.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(_config(*key))
-    return out or [_config(64, 16, 16, 4, 2)]
+        return (fp32_tiles and acc > 64) or (prologue and acc + bm * bk // threads > 96)
 
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if UPCAST:  # the interpreter's dot mishandles bfloat16
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return common.prune_configs(configs, (None, args["OCg"], args["K_TOTAL"] if flat_k else cg),
+                                (0, 0 if flat_k else cg), args["x_ptr"].element_size(),
+                                common.smem_target(args["x_ptr"]), "A" if flat_k else "", prologue or stats, spills)
 
 
 # HAS_RES / HAS_PROLOGUE are in the key because the pruning (register pressure) depends on them.
@@ -253,7 +165,7 @@ def _conv_kernel(
             a = tl.where(a_mask, v, 0.0).to(x_ptr.dtype.element_ty)  # zero padding after the prologue
         b_ptrs = w_ptr + k[:, None] * OC + offs_oc[None, :]
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
 
     if HAS_SHORTCUT:
         # 1x1 projection shortcut, groups=1: a second K loop over shortcut_x's channels.
@@ -264,7 +176,7 @@ def _conv_kernel(
             a = tl.load(sx_ptr + s_row[:, None] + c[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(sw_ptr + c[:, None] * OC + offs_oc[None, :], mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0)
-            acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
+            acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
 
     # Epilogue in fp32.
     if HAS_BIAS:
@@ -303,71 +215,138 @@ def _conv_kernel(
             tl.store(cnt_ptr + row + sub, cnt, mask=row + sub < P_ROWS)
 
 
-@triton.jit
-def _stats_combine_kernel(cnt_ptr, m0_ptr, dm_ptr, m2_ptr, mean_ptr, var_ptr, M, C, P,
-                          TILE_M: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """Per-channel mean and biased variance from the [P, C] tile partials (rows with a zero
-    count are unused and never read), in fp64, rows merged in a fixed order. Row counts come
-    from `cnt_ptr` (HAS_COUNT: this file's stats epilogue) or are TILE_M rows per partial,
-    the last one shorter (fusedres.triton.bn.bn_stats)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    total = tl.zeros((BLOCK_C,), dtype=tl.float64) + M
-    # Pass 1: the mean, sum(n_i * mean_i) / M.
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        if HAS_COUNT:
-            n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
-        else:
-            n = tl.where(ps < P, tl.minimum(M - ps * TILE_M, TILE_M), 0).to(tl.float64)
-        mask = (n > 0)[:, None] & mask_c[None, :]
-        offs = ps[:, None] * C + cols[None, :]
-        mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-                  + tl.load(dm_ptr + offs, mask=mask, other=0.0).to(tl.float64))
-        acc += tl.sum(tl.where(mask, n[:, None] * mean_i, 0.0), axis=0)
-    mean = acc / total
-    # Pass 2: M2 = sum(M2_i + n_i * (mean_i - mean)^2).
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        if HAS_COUNT:
-            n = tl.load(cnt_ptr + ps, mask=ps < P, other=0).to(tl.float64)
-        else:
-            n = tl.where(ps < P, tl.minimum(M - ps * TILE_M, TILE_M), 0).to(tl.float64)
-        mask = (n > 0)[:, None] & mask_c[None, :]
-        offs = ps[:, None] * C + cols[None, :]
-        mean_i = (tl.load(m0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-                  + tl.load(dm_ptr + offs, mask=mask, other=0.0).to(tl.float64))
-        dev = mean_i - mean[None, :]
-        m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        acc += tl.sum(tl.where(mask, m2 + n[:, None] * dev * dev, 0.0), axis=0)
-    var = acc / total
-    var = tl.where(var < 0, 0.0, var)  # rounding can leave -tiny for a constant channel; keeps NaN
-    tl.store(mean_ptr + cols, mean.to(tl.float32), mask=mask_c)
-    tl.store(var_ptr + cols, var.to(tl.float32), mask=mask_c)
 
 
-def _pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(e) for e in v)
-    if len(t) == 1:
-        return (t[0], t[0])
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
+# ---------------------------------------------------------------------------------------
+# Launchers
 
 
-def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def _check_tensors(x: torch.Tensor, weight: torch.Tensor, same_dtype: dict[str, torch.Tensor | None],
+                   floating: dict[str, torch.Tensor | None]) -> None:
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv_bias_act expects a 4-D x (N, C, H, W) and a 4-D weight (OC, C/groups, KH, KW), "
+                         f"got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}")
+    if x.dtype not in common.DTYPES:
+        raise TypeError(f"the Triton conv_bias_act kernel supports float16, bfloat16 and float32, got {x.dtype}")
+    for name, t in {"weight": weight, **same_dtype}.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+    for name, t in floating.items():
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    common.check_device(x.device, weight=weight, **same_dtype, **floating)
+    if x.device.type != "cuda" and not common.INTERPRET:
+        raise ValueError(f"the Triton conv_bias_act kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got x on {x.device}")
 
 
-def _check_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected the same device as x ({device})")
+def _main_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups,
+                   shortcut_stride) -> ConvGeometry:
+    n, c_in, h_in, w_in = x.shape
+    oc, cg, kh, kw = weight.shape
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if cg * groups != c_in:
+        raise ValueError(f"x has {c_in} channels, expected weight.shape[1] * groups = {cg} * {groups} = {cg * groups}")
+    if oc % groups:
+        raise ValueError(f"weight has {oc} output channels, expected a multiple of groups={groups}")
+    (st_h, st_w), (ph, pw) = common.pair(stride, "stride"), common.pair(padding, "padding")
+    (dh, dw), (ssh, ssw) = common.pair(dilation, "dilation"), common.pair(shortcut_stride, "shortcut_stride")
+    if min(st_h, st_w, dh, dw, ssh, ssw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride/dilation/shortcut_stride must be >= 1 and padding >= 0, got stride={(st_h, st_w)}, "
+                         f"padding={(ph, pw)}, dilation={(dh, dw)}, shortcut_stride={(ssh, ssw)}")
+    p_out = common.conv_out_size(h_in, kh, st_h, ph, dh)
+    q_out = common.conv_out_size(w_in, kw, st_w, pw, dw)
+    if p_out < 1 or q_out < 1:
+        raise ValueError(f"output size {(p_out, q_out)} is empty: input {(h_in, w_in)} is too small for kernel "
+                         f"{(kh, kw)} with padding {(ph, pw)} and dilation {(dh, dw)}")
+    return ConvGeometry(n, c_in, h_in, w_in, oc, cg, oc // groups, groups, kh, kw, (st_h, st_w), (ph, pw), (dh, dw),
+                        p_out, q_out, (ssh, ssw))
+
+
+def _shortcut_dims(geo: ConvGeometry, shortcut_x: torch.Tensor | None,
+                   shortcut_weight: torch.Tensor | None) -> tuple[int, int, int]:
+    if (shortcut_x is None) != (shortcut_weight is None):
+        raise ValueError("shortcut_x and shortcut_weight must be given together")
+    if shortcut_x is None:
+        return 0, 0, 0
+    if shortcut_x.dim() != 4:
+        raise ValueError(f"shortcut_x must be 4-D (N, C, H, W), got shape {tuple(shortcut_x.shape)}")
+    _, cs, hs, ws = shortcut_x.shape
+    oc, (ssh, ssw) = geo.oc, geo.shortcut_stride
+    if tuple(shortcut_weight.shape) != (oc, cs, 1, 1):
+        raise ValueError(f"shortcut_weight has shape {tuple(shortcut_weight.shape)}, expected ({oc}, {cs}, 1, 1) "
+                         f"(a 1x1 conv from shortcut_x's {cs} channels to {oc})")
+    s_out = (shortcut_x.shape[0], (hs - 1) // ssh + 1, (ws - 1) // ssw + 1)
+    if s_out != (geo.n, geo.p_out, geo.q_out):
+        raise ValueError(f"the shortcut conv gives batch and size {s_out}, expected the main conv's "
+                         f"{(geo.n, geo.p_out, geo.q_out)}")
+    return hs, ws, cs
+
+
+def check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None, shortcut_x: torch.Tensor | None = None,
+               shortcut_weight: torch.Tensor | None = None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+               groups: int = 1, shortcut_stride=(1, 1), in_scale: torch.Tensor | None = None,
+               in_shift: torch.Tensor | None = None, prologue_relu: bool = False,
+               out: torch.Tensor | None = None) -> ConvGeometry:
+    """Validate the launchers' arguments (see `conv_bias_act`); returns the conv's geometry."""
+    _check_tensors(x, weight, {"shortcut_x": shortcut_x, "shortcut_weight": shortcut_weight, "out": out},
+                   {"bias": bias, "residual": residual, "in_scale": in_scale, "in_shift": in_shift})
+    geo = _main_geometry(x, weight, stride, padding, dilation, groups, shortcut_stride)
+    if bias is not None and tuple(bias.shape) != (geo.oc,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({geo.oc},)")
+    if residual is not None and tuple(residual.shape) != geo.out_shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output shape {geo.out_shape}")
+    hs, ws, cs = _shortcut_dims(geo, shortcut_x, shortcut_weight)
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    if prologue_relu and in_scale is None:
+        raise ValueError("prologue_relu needs in_scale and in_shift")
+    for name, t in (("in_scale", in_scale), ("in_shift", in_shift)):
+        if t is not None and tuple(t.shape) != (geo.c_in,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({geo.c_in},), one value per input channel")
+    if out is not None:
+        common.check_out(out, geo.out_shape)
+    return dataclasses.replace(geo, hs=hs, ws=ws, cs=cs)
+
+
+def _output(geo: ConvGeometry, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is not None:
+        return out
+    return common.empty(geo.out_shape, device=x.device, dtype=x.dtype, memory_format=CL)
+
+
+def _launch(geo: ConvGeometry, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+            stats: tuple[torch.Tensor, ...] | None, wrap_kernel: Callable[[Any], Any] | None, *,
+            bias=None, residual=None, shortcut_x=None, shortcut_weight=None, in_scale=None, in_shift=None,
+            prologue_relu=False, relu=False) -> None:
+    """Run _conv_kernel on validated, non-empty inputs; stats: the (count, m0, dm, m2) partials."""
+    x = x.contiguous(memory_format=CL)
+    w_k = weight.permute(2, 3, 1, 0).reshape(geo.k_total, geo.oc).contiguous()  # row (kh*KW + kw)*Cg + c
+    bias_t = bias.float().contiguous() if bias is not None else x
+    res_t = residual.contiguous(memory_format=CL) if residual is not None else x
+    sx_t = shortcut_x.contiguous(memory_format=CL) if shortcut_x is not None else x
+    sw_t = shortcut_weight.reshape(geo.oc, geo.cs).t().contiguous() if shortcut_x is not None else x
+    scale_t = in_scale.float().contiguous() if in_scale is not None else x
+    shift_t = in_shift.float().contiguous() if in_shift is not None else x
+    cnt_t, m0_t, dm_t, m2_t = stats if stats is not None else (x,) * 4
+
+    def grid(meta):
+        return (triton.cdiv(geo.m, meta["BLOCK_M"]), geo.groups * triton.cdiv(geo.ocg, meta["BLOCK_N"]))
+
+    common.wrapped(_conv_kernel, wrap_kernel)[grid](
+        x, w_k, bias_t, res_t, sx_t, sw_t, scale_t, shift_t, out,
+        cnt_t, m0_t, dm_t, m2_t, cnt_t.numel() if stats is not None else 0,
+        geo.m, geo.h, geo.w, geo.c_in, geo.p_out, geo.q_out, geo.oc, geo.cg, geo.ocg, geo.k_total,
+        *geo.stride, *geo.padding, *geo.dilation,
+        geo.hs, geo.ws, geo.cs, *geo.shortcut_stride,
+        KH=geo.kh, KW=geo.kw,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SHORTCUT=shortcut_x is not None,
+        HAS_PROLOGUE=in_scale is not None, PROLOGUE_RELU=prologue_relu, RELU=relu,
+        FLAT_K=geo.cg % 16 != 0, **common.mma_options(x.dtype),
+        STATS=stats is not None, STATS_TILE_M=_STATS_TILE_M,
+    )
 
 
 def conv_bias_act(
@@ -383,13 +362,13 @@ def conv_bias_act(
     groups: int = 1,
     shortcut_stride: int | tuple[int, int] | list[int] = (1, 1),
     relu: bool = False,
+    *,
     in_scale: torch.Tensor | None = None,
     in_shift: torch.Tensor | None = None,
     prologue_relu: bool = False,
     out: torch.Tensor | None = None,
     wrap_kernel: Callable[[Any], Any] | None = None,
-    stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """act(conv2d(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) in one kernel.
 
     P(x) = relu?(x * in_scale + in_shift) per input channel when `in_scale`/`in_shift` are
@@ -400,152 +379,104 @@ def conv_bias_act(
     channels_last (N, OC, P, Q) tensor in x's dtype, or writes into `out` (channels_last,
     same shape/dtype, aliasing no input: autotuning may run the kernel several times).
 
-    With `stats=True` (no bias, residual, shortcut or relu allowed) returns `(out, mean, var)`:
-    y = conv2d(P(x), weight) and its per-channel mean and biased variance over (N, P, Q),
-    fp32 of shape (OC,), computed in the conv's epilogue from y as stored (rounded to x's
-    dtype), like `fusedres.reference.conv_bn_stats`; NaN for an empty batch.
-
     `wrap_kernel` is applied to each (autotuned) kernel before its launch:
     `torch.library.wrap_triton` inside a `torch.library.triton_op`, so that torch.compile
-    sees the launch (see `fusedres.triton.ops`).
+    sees the launch (see `conv_bias_act_op` at the end of this file).
     """
-    if stats:
-        given = [name for name, t in (("bias", bias), ("residual", residual), ("shortcut_x", shortcut_x),
-                                      ("shortcut_weight", shortcut_weight)) if t is not None]
-        if relu:
-            given.append("relu")
-        if given:
-            raise ValueError(f"stats=True computes the statistics of the plain conv output: {', '.join(given)} "
-                             f"cannot be fused with it")
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"conv_bias_act expects a 4-D x (N, C, H, W) and a 4-D weight (OC, C/groups, KH, KW), "
-                         f"got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton conv_bias_act kernel supports float16, bfloat16 and float32, got {x.dtype}")
-    for name, t in (("weight", weight), ("shortcut_x", shortcut_x), ("shortcut_weight", shortcut_weight),
-                    ("out", out)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
-    for name, t in (("bias", bias), ("residual", residual), ("in_scale", in_scale), ("in_shift", in_shift)):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    _check_device(x.device, weight=weight, bias=bias, residual=residual, shortcut_x=shortcut_x,
-                  shortcut_weight=shortcut_weight, in_scale=in_scale, in_shift=in_shift, out=out)
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"the Triton conv_bias_act kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
-                         f"got x on {x.device}")
+    geo = check_conv(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+                     shortcut_stride, in_scale, in_shift, prologue_relu, out)
+    out = _output(geo, x, out)
+    if geo.m and geo.oc:
+        _launch(geo, x, weight, out, None, wrap_kernel, bias=bias, residual=residual, shortcut_x=shortcut_x,
+                shortcut_weight=shortcut_weight, in_scale=in_scale, in_shift=in_shift, prologue_relu=prologue_relu,
+                relu=relu)
+    return out
 
-    n, c_in, h_in, w_in = x.shape
-    oc, cg, kh, kw = weight.shape
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if cg * groups != c_in:
-        raise ValueError(f"x has {c_in} channels, expected weight.shape[1] * groups = {cg} * {groups} = {cg * groups}")
-    if oc % groups:
-        raise ValueError(f"weight has {oc} output channels, expected a multiple of groups={groups}")
-    st_h, st_w = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    ssh, ssw = _pair(shortcut_stride, "shortcut_stride")
-    if min(st_h, st_w, dh, dw, ssh, ssw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"stride/dilation/shortcut_stride must be >= 1 and padding >= 0, got stride={(st_h, st_w)}, "
-                         f"padding={(ph, pw)}, dilation={(dh, dw)}, shortcut_stride={(ssh, ssw)}")
-    p_out, q_out = _conv_out_size(h_in, kh, st_h, ph, dh), _conv_out_size(w_in, kw, st_w, pw, dw)
-    if p_out < 1 or q_out < 1:
-        raise ValueError(f"output size {(p_out, q_out)} is empty: input {(h_in, w_in)} is too small for kernel "
-                         f"{(kh, kw)} with padding {(ph, pw)} and dilation {(dh, dw)}")
-    out_shape = (n, oc, p_out, q_out)
 
-    if bias is not None and tuple(bias.shape) != (oc,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({oc},)")
-    if residual is not None and tuple(residual.shape) != out_shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output shape {out_shape}")
-    if (shortcut_x is None) != (shortcut_weight is None):
-        raise ValueError("shortcut_x and shortcut_weight must be given together")
-    hs = ws = cs = 0
-    if shortcut_x is not None:
-        if shortcut_x.dim() != 4:
-            raise ValueError(f"shortcut_x must be 4-D (N, C, H, W), got shape {tuple(shortcut_x.shape)}")
-        _, cs, hs, ws = shortcut_x.shape
-        if tuple(shortcut_weight.shape) != (oc, cs, 1, 1):
-            raise ValueError(f"shortcut_weight has shape {tuple(shortcut_weight.shape)}, expected ({oc}, {cs}, 1, 1) "
-                             f"(a 1x1 conv from shortcut_x's {cs} channels to {oc})")
-        s_out = (shortcut_x.shape[0], (hs - 1) // ssh + 1, (ws - 1) // ssw + 1)
-        if s_out != (n, p_out, q_out):
-            raise ValueError(f"the shortcut conv gives batch and size {s_out}, expected the main conv's "
-                             f"{(n, p_out, q_out)}")
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift must be given together")
-    if prologue_relu and in_scale is None:
-        raise ValueError("prologue_relu needs in_scale and in_shift")
-    for name, t in (("in_scale", in_scale), ("in_shift", in_shift)):
-        if t is not None and tuple(t.shape) != (c_in,):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({c_in},), one value per input channel")
-    if out is None:
-        out = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    elif tuple(out.shape) != out_shape or not out.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(f"out must be a channels_last-contiguous tensor of shape {out_shape}, "
-                         f"got shape {tuple(out.shape)} and strides {out.stride()}")
-
-    m = n * p_out * q_out
-    if stats:
-        mean = _empty(oc, dtype=torch.float32, device=x.device)
-        var = _empty(oc, dtype=torch.float32, device=x.device)
-        if m == 0:
-            mean.fill_(float("nan"))  # the mean of nothing, as torch.mean
-            var.fill_(float("nan"))
-    if m == 0 or oc == 0:
-        return (out, mean, var) if stats else out
-
-    cl = torch.channels_last
-    x = x.contiguous(memory_format=cl)
-    # K-major weight: row (kh*KW + kw)*Cg + c, column oc.
-    w_k = weight.permute(2, 3, 1, 0).reshape(kh * kw * cg, oc).contiguous()
-    bias_t = bias.float().contiguous() if bias is not None else x
-    res_t = residual.contiguous(memory_format=cl) if residual is not None else x
-    if shortcut_x is not None:
-        sx_t = shortcut_x.contiguous(memory_format=cl)
-        sw_t = shortcut_weight.reshape(oc, cs).t().contiguous()
-    else:
-        sx_t = sw_t = x
-    scale_t = in_scale.float().contiguous() if in_scale is not None else x
-    shift_t = in_shift.float().contiguous() if in_shift is not None else x
-
-    ocg = oc // groups
-    if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET:
-        precision = "tf32"
-    else:
-        precision = "ieee"
-
-    # Statistics partials: one row per _STATS_TILE_M output pixels (see the module docstring).
-    p_rows = triton.cdiv(m, _STATS_TILE_M) if stats else 0
-    if stats:
-        cnt_t = _empty(p_rows, dtype=torch.int32, device=x.device)
-        m0_t, dm_t, m2_t = (_empty((p_rows, oc), dtype=torch.float32, device=x.device) for _ in range(3))
-    else:
-        cnt_t = m0_t = dm_t = m2_t = x
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(ocg, meta["BLOCK_N"]))
-
-    kernel = _conv_kernel if wrap_kernel is None else wrap_kernel(_conv_kernel)
-    kernel[grid](
-        x, w_k, bias_t, res_t, sx_t, sw_t, scale_t, shift_t, out,
-        cnt_t, m0_t, dm_t, m2_t, p_rows,
-        m, h_in, w_in, c_in, p_out, q_out, oc, cg, ocg, kh * kw * cg,
-        st_h, st_w, ph, pw, dh, dw,
-        hs, ws, cs, ssh, ssw,
-        KH=kh, KW=kw,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SHORTCUT=shortcut_x is not None,
-        HAS_PROLOGUE=in_scale is not None, PROLOGUE_RELU=prologue_relu, RELU=relu,
-        FLAT_K=cg % 16 != 0, UPCAST=_INTERPRET and x.dtype == torch.bfloat16, INPUT_PRECISION=precision,
-        STATS=stats, STATS_TILE_M=_STATS_TILE_M,
-    )
-    if not stats:
-        return out
-    block_p, block_c = _STATS_COMBINE
-    block_c = min(block_c, _pow2_at_least(oc))
-    combine = _stats_combine_kernel if wrap_kernel is None else wrap_kernel(_stats_combine_kernel)
-    combine[(triton.cdiv(oc, block_c),)](cnt_t, m0_t, dm_t, m2_t, mean, var, m, oc, p_rows,
-                                         TILE_M=_STATS_TILE_M, HAS_COUNT=True, BLOCK_P=block_p, BLOCK_C=block_c)
+def conv_bn_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    prologue_relu: bool = False,
+    stride: int | tuple[int, int] | list[int] = (1, 1),
+    padding: int | tuple[int, int] | list[int] = (0, 0),
+    dilation: int | tuple[int, int] | list[int] = (1, 1),
+    groups: int = 1,
+    *,
+    out: torch.Tensor | None = None,
+    wrap_kernel: Callable[[Any], Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = conv2d(P(x), weight) as `conv_bias_act` computes it (P, dtypes,
+    `out` and `wrap_kernel` as there), and its per-channel mean and biased variance over
+    (N, P, Q), fp32 of shape (OC,), computed in the conv's epilogue from y as stored (rounded
+    to x's dtype), like `fusedres.reference.conv_bn_stats`; NaN for an empty batch.
+    """
+    geo = check_conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     in_scale=in_scale, in_shift=in_shift, prologue_relu=prologue_relu, out=out)
+    out = _output(geo, x, out)
+    mean = common.empty(geo.oc, dtype=torch.float32, device=x.device)
+    var = common.empty(geo.oc, dtype=torch.float32, device=x.device)
+    if geo.m == 0:
+        mean.fill_(float("nan"))  # the mean of nothing, as torch.mean
+        var.fill_(float("nan"))
+    if geo.m == 0 or geo.oc == 0:
+        return out, mean, var
+    # Partials: one row per _STATS_TILE_M output pixels (see the module docstring).
+    p_rows = triton.cdiv(geo.m, _STATS_TILE_M)
+    cnt = common.empty(p_rows, dtype=torch.int32, device=x.device)
+    parts = tuple(common.empty((p_rows, geo.oc), dtype=torch.float32, device=x.device) for _ in range(3))
+    _launch(geo, x, weight, out, (cnt, *parts), wrap_kernel, in_scale=in_scale, in_shift=in_shift,
+            prologue_relu=prologue_relu)
+    common.combine_stats(cnt, *parts, mean, var, geo.m, p_rows, _STATS_TILE_M, True, wrap_kernel)
     return out, mean, var
+
+
+# ---------------------------------------------------------------------------------------
+# `fusedres::triton_conv_bias_act`: the op the triton backend runs for fusedres::conv_bias_act.
+# A `torch.library.triton_op` whose body launches the kernel through
+# `torch.library.wrap_triton`, so that torch.compile and torch.export see the launch (and
+# inductor can schedule it) when the op is traced. It has no autograd: the public
+# `fusedres::conv_bias_act` op owns that. `@triton.autotune(prune_configs_by=...)` is
+# traceable: torch's user-defined-Triton support runs `early_config_prune` at trace time with
+# the traced arguments (torch >= 2.6; torch 2.14's `torch/_higher_order_ops/
+# triton_kernel_wrap.py`, `do_prune_configs`), and our prune function only reads ints, bools
+# and `x_ptr.element_size()`, which fake tensors answer. Fallbacks, an opaque
+# `torch.library.custom_op` with the same schema and fake: torch without `triton_op` /
+# `wrap_triton`, and the Triton interpreter (interpreted kernels cannot be traced, so the op
+# runs eagerly; under torch.compile it is opaque).
+
+NAME = "fusedres::triton_conv_bias_act"
+SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? shortcut_x, Tensor? shortcut_weight, "
+    "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu) -> Tensor"
+)
+TRACEABLE = (not common.INTERPRET and hasattr(torch.library, "triton_op")
+             and hasattr(torch.library, "wrap_triton"))
+
+
+def _op_launch(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+               shortcut_stride, relu):
+    """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)): a new
+    channels_last tensor in x's dtype (see `fusedres.triton.conv.conv_bias_act`)."""
+    wrap = torch.library.wrap_triton if TRACEABLE else None
+    return conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation,
+                         groups, shortcut_stride, relu, wrap_kernel=wrap)
+
+
+def _op_fake(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+             shortcut_stride, relu):
+    n, _, h, w = x.shape
+    oc, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = (common.pair(v, name) for v, name in
+                                    ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    shape = (n, oc, common.conv_out_size(h, kh, sh, ph, dh), common.conv_out_size(w, kw, sw, pw, dw))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+if TRACEABLE:
+    conv_bias_act_op = torch.library.triton_op(NAME, mutates_args=(), schema=SCHEMA)(_op_launch)
+else:
+    conv_bias_act_op = torch.library.custom_op(NAME, mutates_args=(), schema=SCHEMA)(_op_launch)
+# triton_op already traces `_op_launch` as its fake; this one is cheaper and the same for both.
+conv_bias_act_op.register_fake(_op_fake)

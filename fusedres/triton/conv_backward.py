@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,114 +59,52 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton.conv import (
-    _INTERPRET,
-    _SMEM_BUDGET,  # noqa: F401 (the off-device limit, re-exported for the tests)
-    _SUPPORTED_DTYPES,
-    _check_device,
-    _config,
-    _conv_out_size,
-    _pair,
-    _pow2_at_least,
-    _smem_estimate,
-    _smem_target,
-)
+from fusedres.triton import common
+from fusedres.triton.common import CL, ConvGeometry, IntPair, config, mma
 
-_CL = torch.channels_last
-
-# Hopper-sensible tiles; the prune functions shrink them to the problem.
-_DGRAD_GPU_CONFIGS = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 128, 32, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 32, 64, 4, 3),
-    _config(64, 16, 64, 4, 3),
-]
+# Hopper-sensible tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the prune
+# functions shrink them to the problem.
+_DGRAD_GPU_CONFIGS = common.configs((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                    (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 64, 4, 3), (64, 16, 64, 4, 3))
 # wgrad: BLOCK_M = output channels, BLOCK_N = (kh, kw, c) columns, BLOCK_K = pixels.
-_WGRAD_GPU_CONFIGS = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 128, 32, 8, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 64, 128, 4, 3),
-    _config(16, 64, 128, 4, 3),
-]
-# The interpreter runs every program in Python: one small config (several tiles even on the
-# tests' tiny shapes). FUSEDRES_TRITON_AUTOTUNE=0 keeps one GPU config, as in conv.py.
-if _INTERPRET:
-    _DGRAD_CONFIGS = [_config(32, 16, 16, 4, 1)]
-    _WGRAD_CONFIGS = [_config(16, 16, 32, 4, 1)]
-elif os.environ.get("FUSEDRES_TRITON_AUTOTUNE", "1") == "0":
-    _DGRAD_CONFIGS = [_config(64, 64, 32, 4, 3)]
-    _WGRAD_CONFIGS = [_config(64, 64, 64, 4, 3)]
-else:
-    _DGRAD_CONFIGS = _DGRAD_GPU_CONFIGS
-    _WGRAD_CONFIGS = _WGRAD_GPU_CONFIGS
+_WGRAD_GPU_CONFIGS = common.configs((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                                    (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (16, 64, 128, 4, 3))
+# The interpreter's configs give several tiles even on the tests' tiny shapes.
+_DGRAD_CONFIGS = common.select_configs(_DGRAD_GPU_CONFIGS, interpreted=config(32, 16, 16, 4, 1),
+                                       fixed=config(64, 64, 32, 4, 3))
+_WGRAD_CONFIGS = common.select_configs(_WGRAD_GPU_CONFIGS, interpreted=config(16, 16, 32, 4, 1),
+                                       fixed=config(64, 64, 64, 4, 3))
 
-_SPLIT_SUM_BLOCK = 256 if _INTERPRET else 1024  # elements per program of the split-K sum
+_SPLIT_SUM_BLOCK = 256 if common.INTERPRET else 1024  # elements per program of the split-K sum
 # Split-K defaults (see `_default_split`).
-_MIN_SPLIT_PIXELS = 64 if _INTERPRET else 1024  # pixels a split should reduce at least
-_MAX_SPLIT = 4 if _INTERPRET else 512
+_MIN_SPLIT_PIXELS = 64 if common.INTERPRET else 1024  # pixels a split should reduce at least
+_MAX_SPLIT = 4 if common.INTERPRET else 512
 _MAX_PARTIAL_BYTES = 256 * 1024 * 1024  # the fp32 partial buffer's size cap
-
-
-def _empty(*args, **kwargs) -> torch.Tensor:
-    """Every buffer the launchers allocate: outputs and split-K partials (tests poison them with NaN)."""
-    return torch.empty(*args, **kwargs)
-
-
-def _prune(configs, m_cap: int, n_cap: int, k_cap: int, n_div: int, k_div: int, elem: int,
-           target: tuple[int, int], gather: str = ""):
-    """Shrink BLOCK_M/N/K to at most max(16, pow2 >= cap); BLOCK_N / BLOCK_K down to a divisor
-    of n_div / k_div (tap mode: chunks should tile a tap's channels; 0 = no constraint); in flat
-    mode, BLOCK_K until the tile gathered per element ("A": [BLOCK_M, BLOCK_K], "B": [BLOCK_K,
-    BLOCK_N]) is at most 16 elements a thread (more spills registers, measured by
-    fusedres.bench.compiled); drop duplicates and configs whose estimated shared memory
-    exceeds the device's (target: its limit and compute capability major)."""
-    out, seen = [], set()
-    for cfg in configs:
-        bm = min(cfg.kwargs["BLOCK_M"], max(16, _pow2_at_least(m_cap)))
-        bn = min(cfg.kwargs["BLOCK_N"], max(16, _pow2_at_least(n_cap)))
-        bk = min(cfg.kwargs["BLOCK_K"], max(16, _pow2_at_least(k_cap)))
-        while n_div and bn > 16 and n_div % bn:
-            bn //= 2
-        while k_div and bk > 16 and k_div % bk:
-            bk //= 2
-        while gather and bk > 16 and bk * (bm if gather == "A" else bn) > 16 * 32 * cfg.num_warps:
-            bk //= 2
-        if _smem_estimate(bm, bn, bk, cfg.num_stages, elem, target[1]) > target[0]:
-            continue
-        key = (bm, bn, bk, cfg.num_warps, cfg.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(_config(*key))
-    return out or [_config(64, 16, 16, 4, 2)]
 
 
 def _prune_dgrad_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     cg, ocg, flat = args["Cg"], args["OCg"], args["FLAT_K"]
-    return _prune(configs, args["M0"], cg, args["K_TOTAL"] if flat else ocg, 0, 0 if flat else ocg,
-                  args["g_ptr"].element_size(), _smem_target(args["g_ptr"]), "A" if flat else "")
+    return common.prune_configs(configs, (args["M0"], cg, args["K_TOTAL"] if flat else ocg), (0, 0 if flat else ocg),
+                                args["g_ptr"].element_size(), common.smem_target(args["g_ptr"]), "A" if flat else "")
 
 
 def _prune_wgrad_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     cg, flat = args["Cg"], args["FLAT_K"]
     pixels = triton.cdiv(args["M"], args["SPLIT"])  # per split
-    return _prune(configs, args["OCg"], args["K_TOTAL"] if flat else cg, pixels, 0 if flat else cg, 0,
-                  args["g_ptr"].element_size(), _smem_target(args["g_ptr"]), "B" if flat else "")
+    return common.prune_configs(configs, (args["OCg"], args["K_TOTAL"] if flat else cg, pixels), (0 if flat else cg, 0),
+                                args["g_ptr"].element_size(), common.smem_target(args["g_ptr"]), "B" if flat else "")
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if UPCAST:  # the interpreter's dot mishandles bfloat16
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+def _group_tile(pid, size, BLOCK: tl.constexpr):
+    """Program pid of the (group, tile) pairs over groups of `size` channels, tiles of BLOCK
+    never straddling a group: (group, offsets in the group, their mask, global channels)."""
+    tiles = tl.cdiv(size, BLOCK)
+    g = pid // tiles
+    offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+    return g, offs, offs < size, g * size + offs
 
 
 @triton.jit
@@ -192,9 +129,8 @@ def _dgrad_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     phase = tl.program_id(2)
-    n_tiles = tl.cdiv(Cg, BLOCK_N)
-    g = pid_n // n_tiles
-    tile_n = pid_n % n_tiles
+    # Columns: input channels of group g.
+    g, offs_n, mask_n, offs_c = _group_tile(pid_n, Cg, BLOCK_N)
 
     # This program's phase: input pixels h = rh + i*stride_h, w = rw + j*stride_w.
     rh = phase // stride_w
@@ -212,10 +148,6 @@ def _dgrad_kernel(
     ij = offs_m % HWp
     i = ij // Wp1
     j = ij % Wp1
-    # Columns: input channels of group g.
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < Cg
-    offs_c = g * Cg + offs_n
     offs_k = tl.arange(0, BLOCK_K)
     oc_base = g * OCg
 
@@ -260,7 +192,7 @@ def _dgrad_kernel(
         k = (kh * KW + kw) * OCg + oc  # row of the rearranged weight
         b_ptrs = w_ptr + k[:, None].to(tl.int64) * C + offs_c[None, :]
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
 
     h = rh + i * stride_h
     w = rw + j * stride_w
@@ -282,14 +214,8 @@ def _wgrad_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
-    m_tiles = tl.cdiv(OCg, BLOCK_M)
-    g = pid_m // m_tiles
-    tile_m = pid_m % m_tiles
-
     # Rows: output channels of group g.
-    offs_om = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_om = offs_om < OCg
-    offs_oc = g * OCg + offs_om
+    g, offs_om, mask_om, offs_oc = _group_tile(pid_m, OCg, BLOCK_M)
     # Columns: (kh, kw, c) of group g's weight.
     if FLAT_K:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,7 +263,7 @@ def _wgrad_kernel(
             b_mask = row_ok[:, None] & mask_col[None, :]
             b_ptrs = x_ptr + (((n_img * H + h) * W + w) * C)[:, None] + c_glob[None, :]
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        acc = _mma(a, b, acc, UPCAST, INPUT_PRECISION)
+        acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
         offs_r += BLOCK_K
 
     offs = offs_oc[:, None].to(tl.int64) * K_TOTAL + cols[None, :]
@@ -365,12 +291,6 @@ def _split_sum_kernel(part_ptr, out_ptr, TOTAL, SPLIT, BLOCK: tl.constexpr):
 # Launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET:
-        return "tf32"
-    return "ieee"
-
-
 def _shape4(shape: Sequence[int], name: str) -> tuple[int, int, int, int]:
     try:
         t = tuple(int(s) for s in shape)
@@ -382,8 +302,9 @@ def _shape4(shape: Sequence[int], name: str) -> tuple[int, int, int, int]:
     return t
 
 
-def _check_geometry(fn: str, input_shape, weight_shape, groups, stride, padding, dilation, grad_out):
-    """Validate the conv's geometry; returns (stride, padding, dilation) pairs and (P, Q)."""
+def _check_geometry(fn: str, input_shape, weight_shape, groups, stride, padding, dilation,
+                    grad_out) -> ConvGeometry:
+    """Validate the conv's geometry."""
     n, c_in, h_in, w_in = input_shape
     oc, cg, kh, kw = weight_shape
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -395,54 +316,60 @@ def _check_geometry(fn: str, input_shape, weight_shape, groups, stride, padding,
         raise ValueError(f"the weight has {oc} output channels, expected a multiple of groups={groups}")
     if min(kh, kw) < 1:
         raise ValueError(f"the kernel size must be >= 1, got {(kh, kw)}")
-    st, pd, dl = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    st, pd, dl = common.pair(stride, "stride"), common.pair(padding, "padding"), common.pair(dilation, "dilation")
     if min(*st, *dl) < 1 or min(pd) < 0:
         raise ValueError(f"stride/dilation must be >= 1 and padding >= 0, got stride={st}, padding={pd}, "
                          f"dilation={dl}")
-    p_out = _conv_out_size(h_in, kh, st[0], pd[0], dl[0])
-    q_out = _conv_out_size(w_in, kw, st[1], pd[1], dl[1])
+    p_out = common.conv_out_size(h_in, kh, st[0], pd[0], dl[0])
+    q_out = common.conv_out_size(w_in, kw, st[1], pd[1], dl[1])
     if p_out < 1 or q_out < 1:
         raise ValueError(f"output size {(p_out, q_out)} is empty: input {(h_in, w_in)} is too small for kernel "
                          f"{(kh, kw)} with padding {pd} and dilation {dl}")
     if grad_out.dim() != 4 or tuple(grad_out.shape) != (n, oc, p_out, q_out):
         raise ValueError(f"{fn}: grad_out has shape {tuple(grad_out.shape)}, expected the conv's output shape "
                          f"{(n, oc, p_out, q_out)}")
-    return st, pd, dl, (p_out, q_out)
+    return ConvGeometry(n, c_in, h_in, w_in, oc, cg, oc // groups, groups, kh, kw, st, pd, dl, p_out, q_out)
 
 
 def _check_tensors(fn: str, grad_out: torch.Tensor, other: torch.Tensor, other_name: str, out: torch.Tensor | None,
                    out_dtype: torch.dtype) -> None:
     if other.dim() != 4:
         raise ValueError(f"{fn} expects a 4-D {other_name}, got shape {tuple(other.shape)}")
-    if grad_out.dtype not in _SUPPORTED_DTYPES:
+    if grad_out.dtype not in common.DTYPES:
         raise TypeError(f"the Triton {fn} kernel supports float16, bfloat16 and float32, got {grad_out.dtype}")
     if other.dtype != grad_out.dtype:
         raise TypeError(f"{other_name} has dtype {other.dtype}, expected grad_out's dtype {grad_out.dtype}")
     if out is not None and out.dtype != out_dtype:
         raise TypeError(f"out has dtype {out.dtype}, expected {out_dtype}")
-    _check_device(grad_out.device, **{other_name: other, "out": out})
-    if grad_out.device.type != "cuda" and not _INTERPRET:
+    common.check_device(grad_out.device, **{other_name: other, "out": out})
+    if grad_out.device.type != "cuda" and not common.INTERPRET:
         raise ValueError(f"the Triton {fn} kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got grad_out on {grad_out.device}")
 
 
-def _check_out(out: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(out.shape) != shape or not out.is_contiguous(memory_format=_CL):
-        raise ValueError(f"out must be a channels_last-contiguous tensor of shape {shape}, "
-                         f"got shape {tuple(out.shape)} and strides {out.stride()}")
+def _prepare(fn: str, grad_out: torch.Tensor, other: torch.Tensor, other_name: str, shape: Sequence[int],
+             out: torch.Tensor | None, out_dtype: torch.dtype, stride, padding, dilation, groups,
+             split_k: int | None = None) -> tuple[ConvGeometry, torch.Tensor]:
+    """Validate a launcher's arguments (other: the weight for dgrad, x for wgrad; shape: the
+    result's, x's for dgrad, the weight's for wgrad); returns the geometry and the output,
+    allocated when `out` is None."""
+    _check_tensors(fn, grad_out, other, other_name, out, out_dtype)
+    dgrad = fn == "conv_dgrad"
+    shape = _shape4(shape, "input_shape" if dgrad else "weight_shape")
+    input_shape, weight_shape = (shape, tuple(other.shape)) if dgrad else (tuple(other.shape), shape)
+    geo = _check_geometry(fn, input_shape, weight_shape, groups, stride, padding, dilation, grad_out)
+    if split_k is not None and (not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1):
+        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+    if out is None:
+        out = common.empty(shape, device=grad_out.device, dtype=out_dtype, memory_format=CL)
+    else:
+        common.check_out(out, shape)
+    return geo, out
 
 
-def conv_dgrad(
-    grad_out: torch.Tensor,
-    weight: torch.Tensor,
-    input_shape: Sequence[int],
-    stride: int | tuple[int, int] | list[int] = (1, 1),
-    padding: int | tuple[int, int] | list[int] = (0, 0),
-    dilation: int | tuple[int, int] | list[int] = (1, 1),
-    groups: int = 1,
-    out: torch.Tensor | None = None,
-    wrap_kernel: Callable[[Any], Any] | None = None,
-) -> torch.Tensor:
+def conv_dgrad(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequence[int], stride: IntPair = (1, 1),
+               padding: IntPair = (0, 0), dilation: IntPair = (1, 1), groups: int = 1, out: torch.Tensor | None = None,
+               wrap_kernel: Callable[[Any], Any] | None = None) -> torch.Tensor:
     """The gradient of conv2d(x, weight, stride, padding, dilation, groups) wrt x.
 
     grad_out (N, OC, P, Q) and weight (OC, C/groups, KH, KW) share one dtype (float16,
@@ -451,40 +378,28 @@ def conv_dgrad(
     same shape/dtype, aliasing no input). fp32 accumulation; float32 uses TF32 only when
     torch.backends.cudnn.allow_tf32. `wrap_kernel` as in `fusedres.triton.conv.conv_bias_act`.
     """
-    _check_tensors("conv_dgrad", grad_out, weight, "weight", out, grad_out.dtype)
-    input_shape = _shape4(input_shape, "input_shape")
-    (sh, sw), (ph, pw), (dh, dw), (p_out, q_out) = _check_geometry(
-        "conv_dgrad", input_shape, tuple(weight.shape), groups, stride, padding, dilation, grad_out)
-    n, c_in, h_in, w_in = input_shape
-    oc, cg, kh, kw = weight.shape
-    if out is None:
-        out = _empty(input_shape, device=grad_out.device, dtype=grad_out.dtype, memory_format=_CL)
-    else:
-        _check_out(out, input_shape)
+    geo, out = _prepare("conv_dgrad", grad_out, weight, "weight", input_shape, out, grad_out.dtype, stride, padding,
+                        dilation, groups)
     if out.numel() == 0:
         return out
-    if oc == 0:
+    if geo.oc == 0:
         return out.zero_()
-
-    g_t = grad_out.contiguous(memory_format=_CL)
-    ocg = oc // groups
+    (sh, sw), (dh, dw), ocg, cg = geo.stride, geo.dilation, geo.ocg, geo.cg
     # [KH*KW*OCg, C]: row (kh*KW + kw)*OCg + oc, column g*Cg + c.
-    w_k = (weight.reshape(groups, ocg, cg, kh, kw).permute(3, 4, 1, 0, 2).reshape(kh * kw * ocg, c_in)
-           .contiguous())
+    w_k = (weight.reshape(geo.groups, ocg, cg, geo.kh, geo.kw).permute(3, 4, 1, 0, 2)
+           .reshape(geo.kh * geo.kw * ocg, geo.c_in).contiguous())
     step_h, step_w = sh // math.gcd(sh, dh), sw // math.gcd(sw, dw)
-    m0 = n * triton.cdiv(h_in, sh) * triton.cdiv(w_in, sw)  # rows of the largest phase, (0, 0)
+    m0 = geo.n * triton.cdiv(geo.h, sh) * triton.cdiv(geo.w, sw)  # rows of the largest phase, (0, 0)
 
     def grid(meta):
-        return (triton.cdiv(m0, meta["BLOCK_M"]), groups * triton.cdiv(cg, meta["BLOCK_N"]), sh * sw)
+        return (triton.cdiv(m0, meta["BLOCK_M"]), geo.groups * triton.cdiv(cg, meta["BLOCK_N"]), sh * sw)
 
-    kernel = _dgrad_kernel if wrap_kernel is None else wrap_kernel(_dgrad_kernel)
-    kernel[grid](
-        g_t, w_k, out,
-        n, h_in, w_in, c_in, p_out, q_out, oc, cg, ocg, kh * kw * ocg, m0,
-        sh, sw, ph, pw, dh, dw, step_h, step_w,
-        KH=kh, KW=kw, STEP_BLOCK=max(2, _pow2_at_least(max(step_h, step_w))),
-        FLAT_K=ocg % 16 != 0, UPCAST=_INTERPRET and grad_out.dtype == torch.bfloat16,
-        INPUT_PRECISION=_precision(grad_out.dtype),
+    common.wrapped(_dgrad_kernel, wrap_kernel)[grid](
+        grad_out.contiguous(memory_format=CL), w_k, out,
+        geo.n, geo.h, geo.w, geo.c_in, geo.p_out, geo.q_out, geo.oc, cg, ocg, geo.kh * geo.kw * ocg, m0,
+        sh, sw, *geo.padding, dh, dw, step_h, step_w,
+        KH=geo.kh, KW=geo.kw, STEP_BLOCK=max(2, common.pow2_at_least(max(step_h, step_w))),
+        FLAT_K=ocg % 16 != 0, **common.mma_options(grad_out.dtype),
     )
     return out
 
@@ -498,7 +413,7 @@ def _default_split(m: int, out_tiles: int, total: int, device: torch.device) -> 
     """Split-K factor for wgrad: enough programs to fill the GPU (about two waves of ~128x128
     output tiles), each reducing at least _MIN_SPLIT_PIXELS pixels, with a partial buffer of at
     most _MAX_PARTIAL_BYTES."""
-    if _INTERPRET or device.type != "cuda":
+    if common.INTERPRET or device.type != "cuda":
         target = _MAX_SPLIT
     else:
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -507,19 +422,10 @@ def _default_split(m: int, out_tiles: int, total: int, device: torch.device) -> 
     return max(1, split)
 
 
-def conv_wgrad(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight_shape: Sequence[int],
-    stride: int | tuple[int, int] | list[int] = (1, 1),
-    padding: int | tuple[int, int] | list[int] = (0, 0),
-    dilation: int | tuple[int, int] | list[int] = (1, 1),
-    groups: int = 1,
-    out_dtype: torch.dtype | None = None,
-    out: torch.Tensor | None = None,
-    split_k: int | None = None,
-    wrap_kernel: Callable[[Any], Any] | None = None,
-) -> torch.Tensor:
+def conv_wgrad(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[int], stride: IntPair = (1, 1),
+               padding: IntPair = (0, 0), dilation: IntPair = (1, 1), groups: int = 1,
+               out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None, split_k: int | None = None,
+               wrap_kernel: Callable[[Any], Any] | None = None) -> torch.Tensor:
     """The gradient of conv2d(x, weight, stride, padding, dilation, groups) wrt weight.
 
     grad_out (N, OC, P, Q) and x (N, C, H, W) share one dtype (float16, bfloat16 or float32),
@@ -532,52 +438,33 @@ def conv_wgrad(
     `wrap_kernel` as in `fusedres.triton.conv.conv_bias_act`.
     """
     out_dtype = grad_out.dtype if out_dtype is None else out_dtype
-    if out_dtype not in _SUPPORTED_DTYPES:
+    if out_dtype not in common.DTYPES:
         raise TypeError(f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
-    _check_tensors("conv_wgrad", grad_out, x, "x", out, out_dtype)
-    weight_shape = _shape4(weight_shape, "weight_shape")
-    (sh, sw), (ph, pw), (dh, dw), (p_out, q_out) = _check_geometry(
-        "conv_wgrad", tuple(x.shape), weight_shape, groups, stride, padding, dilation, grad_out)
-    if split_k is not None and (not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1):
-        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
-    n, c_in, h_in, w_in = x.shape
-    oc, cg, kh, kw = weight_shape
-    if out is None:
-        out = _empty(weight_shape, device=grad_out.device, dtype=out_dtype, memory_format=_CL)
-    else:
-        _check_out(out, weight_shape)
+    geo, out = _prepare("conv_wgrad", grad_out, x, "x", weight_shape, out, out_dtype, stride, padding, dilation,
+                        groups, split_k)
     if out.numel() == 0:
         return out
-    m = n * p_out * q_out
-    if m == 0:
+    if geo.m == 0:
         return out.zero_()
-
-    g_t = grad_out.contiguous(memory_format=_CL)
-    x_t = x.contiguous(memory_format=_CL)
-    ocg = oc // groups
-    k_total = kh * kw * cg
+    oc, cg, ocg, k_total, flat = geo.oc, geo.cg, geo.ocg, geo.k_total, geo.cg % 16 != 0
     total = oc * k_total
-    flat = cg % 16 != 0
     if split_k is None:
-        split_k = _default_split(m, groups * triton.cdiv(ocg, 128) * triton.cdiv(k_total, 128), total,
+        split_k = _default_split(geo.m, geo.groups * triton.cdiv(ocg, 128) * triton.cdiv(k_total, 128), total,
                                  grad_out.device)
     direct = split_k == 1
-    part = out if direct else _empty((split_k, oc, k_total), device=grad_out.device, dtype=torch.float32)
+    part = out if direct else common.empty((split_k, oc, k_total), device=grad_out.device, dtype=torch.float32)
 
     def grid(meta):
-        cols = triton.cdiv(k_total, meta["BLOCK_N"]) if flat else kh * kw * triton.cdiv(cg, meta["BLOCK_N"])
-        return (cols, groups * triton.cdiv(ocg, meta["BLOCK_M"]), split_k)
+        cols = triton.cdiv(k_total, meta["BLOCK_N"]) if flat else geo.kh * geo.kw * triton.cdiv(cg, meta["BLOCK_N"])
+        return (cols, geo.groups * triton.cdiv(ocg, meta["BLOCK_M"]), split_k)
 
-    kernel = _wgrad_kernel if wrap_kernel is None else wrap_kernel(_wgrad_kernel)
-    kernel[grid](
-        g_t, x_t, part, out,
-        m, h_in, w_in, c_in, p_out, q_out, oc, cg, ocg, k_total, split_k,
-        sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw,
-        FLAT_K=flat, DIRECT=direct, UPCAST=_INTERPRET and grad_out.dtype == torch.bfloat16,
-        INPUT_PRECISION=_precision(grad_out.dtype),
+    common.wrapped(_wgrad_kernel, wrap_kernel)[grid](
+        grad_out.contiguous(memory_format=CL), x.contiguous(memory_format=CL), part, out,
+        geo.m, geo.h, geo.w, geo.c_in, geo.p_out, geo.q_out, oc, cg, ocg, k_total, split_k,
+        *geo.stride, *geo.padding, *geo.dilation,
+        KH=geo.kh, KW=geo.kw, FLAT_K=flat, DIRECT=direct, **common.mma_options(grad_out.dtype),
     )
     if not direct:
-        reduce = _split_sum_kernel if wrap_kernel is None else wrap_kernel(_split_sum_kernel)
-        reduce[(triton.cdiv(total, _SPLIT_SUM_BLOCK),)](part, out, total, split_k, BLOCK=_SPLIT_SUM_BLOCK)
+        common.wrapped(_split_sum_kernel, wrap_kernel)[(triton.cdiv(total, _SPLIT_SUM_BLOCK),)](
+            part, out, total, split_k, BLOCK=_SPLIT_SUM_BLOCK)
     return out

@@ -1,24 +1,7 @@
-"""torch.library registration of the Triton kernels: `fusedres::triton_conv_bias_act`, the
-backward ops of the train-mode BatchNorm kernels and those of conv_bn_stats' backward (at
-the end of this file).
-
-The `triton` backend runs `fusedres::conv_bias_act` through this op. It is a
-`torch.library.triton_op` whose body launches the kernel through
-`torch.library.wrap_triton`, so that torch.compile and torch.export see the launch (and
-inductor can schedule it) when the op is traced. It has no autograd: the public
-`fusedres::conv_bias_act` op owns that.
-
-`@triton.autotune(prune_configs_by={"early_config_prune": ...})` is traceable:
-torch's user-defined-Triton support runs `early_config_prune` at trace time with the
-traced arguments (torch >= 2.6; checked in torch 2.14's
-`torch/_higher_order_ops/triton_kernel_wrap.py`, `do_prune_configs`), and our prune
-function only reads ints, bools and `x_ptr.element_size()`, which fake tensors answer.
-
-Fallbacks, each an opaque `torch.library.custom_op` with the same schema and fake:
-
-* torch without `torch.library.triton_op` / `wrap_triton`;
-* the Triton interpreter (TRITON_INTERPRET=1, how the CPU tests run): interpreted kernels
-  cannot be traced, so the op just runs eagerly; under torch.compile it is opaque.
+"""torch.library registration of the Triton backward kernels: the backward ops of the
+train-mode BatchNorm kernels and those of conv_bn_stats' backward. (The forward conv's op,
+`fusedres::triton_conv_bias_act`, is registered in `fusedres.triton.conv`, beside its
+kernel; `conv_bias_act` here is that op.)
 """
 
 from __future__ import annotations
@@ -30,44 +13,15 @@ from fusedres.triton import bn as tbn
 from fusedres.triton import conv as tconv
 from fusedres.triton import prologue as tpro
 
-NAME = "fusedres::triton_conv_bias_act"
-SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? shortcut_x, Tensor? shortcut_weight, "
-    "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu) -> Tensor"
-)
-TRACEABLE = (not tconv._INTERPRET and hasattr(torch.library, "triton_op")
-             and hasattr(torch.library, "wrap_triton"))
-
-
-def _launch(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-            shortcut_stride, relu):
-    """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)): a new
-    channels_last tensor in x's dtype (see `fusedres.triton.conv.conv_bias_act`)."""
-    wrap = torch.library.wrap_triton if TRACEABLE else None
-    return tconv.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation,
-                               groups, shortcut_stride, relu, wrap_kernel=wrap)
-
-
-def _fake(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-          shortcut_stride, relu):
-    n, _, h, w = x.shape
-    oc, _, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = (tconv._pair(v, name) for v, name in
-                                    ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    shape = (n, oc, tconv._conv_out_size(h, kh, sh, ph, dh), tconv._conv_out_size(w, kw, sw, pw, dw))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-
-
-if TRACEABLE:
-    conv_bias_act = torch.library.triton_op(NAME, mutates_args=(), schema=SCHEMA)(_launch)
-else:
-    conv_bias_act = torch.library.custom_op(NAME, mutates_args=(), schema=SCHEMA)(_launch)
-# triton_op already traces `_launch` as its fake; this one is cheaper and the same for both.
-conv_bias_act.register_fake(_fake)
+# The conv launcher's op, `fusedres::triton_conv_bias_act`, is registered beside its kernel
+# (fusedres.triton.conv); re-exported here with the other registrations.
+conv_bias_act = tconv.conv_bias_act_op
+TRACEABLE = tconv.TRACEABLE
 
 
 # ---------------------------------------------------------------------------------------
-# Train-mode BatchNorm backward (fusedres.triton.bn). The triton backend's forward kernels
+# Train-mode BatchNorm backward (fusedres.triton.bn; bn_stats' backward is
+# conv_bn_stats_grad_y(None, ...) below). The triton backend's forward kernels
 # run inside the public fusedres::bn_stats / fusedres::scale_bias_act ops, which are
 # opaque to torch.compile; their backward runs inside the autograd formula, which
 # AOTAutograd traces with fake tensors, so the backward launches need ops of their own.
@@ -79,8 +33,6 @@ SBA_BACKWARD_SCHEMA = (
     "(Tensor grad, Tensor? out, Tensor y, Tensor scale, Tensor? residual, Tensor? residual_scale, bool[] needs) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-STATS_BACKWARD = "fusedres::triton_bn_stats_backward"
-STATS_BACKWARD_SCHEMA = "(Tensor y, Tensor mean, Tensor? grad_mean, Tensor? grad_var) -> Tensor"
 
 
 def _sba_backward(grad, out, y, scale, residual, residual_scale, needs):
@@ -117,23 +69,11 @@ scale_bias_act_backward = torch.library.custom_op(SBA_BACKWARD, mutates_args=(),
 scale_bias_act_backward.register_fake(_sba_backward_fake)
 
 
-def _stats_backward(y, mean, grad_mean, grad_var):
-    return tbn.bn_stats_backward(y, mean, grad_mean, grad_var)
-
-
-bn_stats_backward = torch.library.custom_op(STATS_BACKWARD, mutates_args=(),
-                                            schema=STATS_BACKWARD_SCHEMA)(_stats_backward)
-
-
-@bn_stats_backward.register_fake
-def _(y, mean, grad_mean, grad_var):
-    return torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
-
-
 # ---------------------------------------------------------------------------------------
 # The elementwise passes of fusedres::conv_bn_stats' backward (fusedres.triton.prologue).
 # They run inside that op's autograd formula, which AOTAutograd traces with fake tensors:
-# opaque custom ops, like the BatchNorm backward ops above.
+# opaque custom ops, like the BatchNorm backward op above. conv_bn_stats_grad_y with
+# grad_y None is also bn_stats' backward.
 
 GRAD_Y = "fusedres::triton_conv_bn_stats_grad_y"
 GRAD_Y_SCHEMA = "(Tensor? grad_y, Tensor y, Tensor mean, Tensor? grad_mean, Tensor? grad_var) -> Tensor"

@@ -2,7 +2,8 @@
 as Triton kernels on NHWC (channels_last) tensors.
 
 The op's backward is: fold the statistics' gradient into the conv output's
-(`conv_bn_stats_grad_y`), recompute the prologue a = relu?(x*scale + shift) for the weight
+(`conv_bn_stats_grad_y`; with grad_y None it is the backward of `fusedres.triton.bn.bn_stats`
+alone), recompute the prologue a = relu?(x*scale + shift) for the weight
 gradient (`prologue`), run ATen's convolution_backward, and push the input gradient
 through the prologue (`prologue_backward`). Layout and conventions are those of
 `fusedres.triton.bn`: every activation is the row-major [M = N*H*W, C] matrix of its
@@ -22,15 +23,8 @@ import triton
 import triton.language as tl
 
 from fusedres import reference
-from fusedres.triton import bn as tbn
-
-_CL = torch.channels_last
-
-
-def _empty(*args, **kwargs) -> torch.Tensor:
-    """Every buffer the launchers allocate (tests poison it with NaN to catch unwritten elements)."""
-    return torch.empty(*args, **kwargs)
-
+from fusedres.triton import common
+from fusedres.triton.common import CL, tile
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -40,11 +34,7 @@ def _empty(*args, **kwargs) -> torch.Tensor:
 def _grad_y_kernel(gy_ptr, y_ptr, mean_ptr, gm_ptr, gv_ptr, out_ptr, M, C, count, two_over_count,
                    HAS_GY: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    _, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     # The default's order: grad_y + grad_mean/count + (y - mean)*grad_var*(2/count).
     if HAS_GY:
@@ -63,11 +53,7 @@ def _grad_y_kernel(gy_ptr, y_ptr, mean_ptr, gm_ptr, gv_ptr, out_ptr, M, C, count
 @triton.jit
 def _prologue_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, M, C,
                      RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    _, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=mask_c, other=0.0)
     # The same fp32 expression as the conv kernel's prologue (fusedres.triton.conv).
@@ -82,12 +68,7 @@ def _prologue_backward_kernel(ga_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, part_
                               RELU: tl.constexpr, LOAD_X: tl.constexpr, NEED_DX: tl.constexpr,
                               SLOT_GX: tl.constexpr, SLOT_G: tl.constexpr, NR: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    pid_m, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     ga = tl.load(ga_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
     if LOAD_X:  # RELU or SLOT_GX >= 0
@@ -110,49 +91,39 @@ def _prologue_backward_kernel(ga_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, part_
 
 
 def _check_main(name: str, t: torch.Tensor) -> None:
-    tbn._check_activation(name, t)
-    if t.dtype not in tbn._SUPPORTED_DTYPES:
+    common.check_activation(name, t)
+    if t.dtype not in common.DTYPES:
         raise TypeError(f"the Triton prologue kernels support float16, bfloat16 and float32, got {name} {t.dtype}")
-
-
-def _like(t: torch.Tensor) -> torch.Tensor:
-    return _empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_CL)
 
 
 def _as_reference_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The kernels write channels_last; give the memory format the defaults give, with the
     canonical strides the ops' fakes (empty_like(..., memory_format=...)) have."""
-    if reference.suggest_memory_format(like) != _CL:
+    if reference.suggest_memory_format(like) != CL:
         out = out.clone(memory_format=torch.contiguous_format)
     return out
-
-
-def _grid(m: int, c: int) -> tuple[tuple[int, int], int, int, int]:
-    block_m, block_c, warps = tbn._elementwise_config(c)
-    return (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), block_m, block_c, warps
 
 
 def conv_bn_stats_grad_y(grad_y: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
                          grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None) -> torch.Tensor:
     """g = grad_y + grad_mean/count + (y - mean)*grad_var*2/count (count = N*H*W; a None
-    grad adds nothing), fp32 math, in y's dtype and the default's memory format for y."""
+    grad adds nothing: grad_y None gives the backward of `fusedres.triton.bn.bn_stats`),
+    fp32 math, in y's dtype and the default's memory format for y."""
     _check_main("y", y)
     n, c, h, w = y.shape
     m = n * h * w
     if grad_y is not None:
-        tbn._check_activation("grad_y", grad_y, y.shape)
-    mean_t = tbn._channels("mean", mean, c, y.device)
-    gm_t = tbn._channels("grad_mean", grad_mean, c, y.device) if grad_mean is not None else mean_t
-    gv_t = tbn._channels("grad_var", grad_var, c, y.device) if grad_var is not None else mean_t
-    out = _like(y)
+        common.check_activation("grad_y", grad_y, y.shape)
+    mean_t = common.channels("mean", mean, c, y.device)
+    gm_t = common.channels("grad_mean", grad_mean, c, y.device) if grad_mean is not None else mean_t
+    gv_t = common.channels("grad_var", grad_var, c, y.device) if grad_var is not None else mean_t
+    out = common.like(y)
     if m and c:
-        grid, block_m, block_c, warps = _grid(m, c)
-        y_t = tbn._rows(y) if grad_var is not None else out
-        gy_t = tbn._rows(grad_y) if grad_y is not None else out
-        _grad_y_kernel[grid](
-            gy_t, y_t, mean_t, gm_t, gv_t, out, m, c, float(m), 2.0 / m,
-            HAS_GY=grad_y is not None, HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        grid, meta = common.elementwise_launch(m, c)
+        y_t = common.rows(y) if grad_var is not None else out
+        gy_t = common.rows(grad_y) if grad_y is not None else out
+        _grad_y_kernel[grid](gy_t, y_t, mean_t, gm_t, gv_t, out, m, c, float(m), 2.0 / m, HAS_GY=grad_y is not None,
+                             HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None, **meta)
     return _as_reference_format(out, y)
 
 
@@ -162,12 +133,11 @@ def prologue(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bo
     _check_main("x", x)
     n, c, h, w = x.shape
     m = n * h * w
-    scale_t, shift_t = tbn._channels("scale", scale, c, x.device), tbn._channels("shift", shift, c, x.device)
-    out = _like(x)
+    scale_t, shift_t = common.channels("scale", scale, c, x.device), common.channels("shift", shift, c, x.device)
+    out = common.like(x)
     if m and c:
-        grid, block_m, block_c, warps = _grid(m, c)
-        _prologue_kernel[grid](tbn._rows(x), scale_t, shift_t, out, m, c, RELU=relu,
-                               BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        grid, meta = common.elementwise_launch(m, c)
+        _prologue_kernel[grid](common.rows(x), scale_t, shift_t, out, m, c, RELU=relu, **meta)
     return _as_reference_format(out, x)
 
 
@@ -181,38 +151,22 @@ def prologue_backward(grad_a: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     the three to compute; the others are None.
     """
     _check_main("x", x)
-    tbn._check_activation("grad_a", grad_a, x.shape)
+    common.check_activation("grad_a", grad_a, x.shape)
     need_dx, need_gx, need_g = (bool(v) for v in needs)
     n, c, h, w = x.shape
     m = n * h * w
-    scale_t, shift_t = tbn._channels("scale", scale, c, x.device), tbn._channels("shift", shift, c, x.device)
-    dx = _like(x) if need_dx else None
-    slots: dict[str, int] = {}
-    for name, wanted in (("gx", need_gx), ("g", need_g)):
-        if wanted:
-            slots[name] = len(slots)
-    sums = [_empty(c, dtype=torch.float32, device=x.device) for _ in slots]
-    if m and c and (need_dx or slots):
-        grid, block_m, block_c, warps = _grid(m, c)
-        p = grid[0]
-        x_t = tbn._rows(x) if relu or need_gx else scale_t
-        part = _empty((p, len(slots), c), dtype=torch.float32, device=x.device) if slots else scale_t
+    scale_t, shift_t = common.channels("scale", scale, c, x.device), common.channels("shift", shift, c, x.device)
+    dx = common.like(x) if need_dx else None
+    sums = common.ChannelSums((("gx", need_gx), ("g", need_g)), c, x.device)
+    if m and c and (need_dx or sums.nr):
+        grid, meta = common.elementwise_launch(m, c)
+        x_t = common.rows(x) if relu or need_gx else scale_t
+        part = sums.partials(grid[0], scale_t)
         _prologue_backward_kernel[grid](
-            tbn._rows(grad_a), x_t, scale_t, shift_t, dx if dx is not None else scale_t, part, m, c,
-            RELU=relu, LOAD_X=relu or need_gx, NEED_DX=need_dx, SLOT_GX=slots.get("gx", -1),
-            SLOT_G=slots.get("g", -1), NR=len(slots),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        if slots:
-            block_p, block_cc = tbn._COMBINE
-            block_cc = min(block_cc, tbn._pow2_at_least(c))
-            outs = (*sums, *[sums[0]] * (3 - len(sums)))
-            tbn._partial_sums_kernel[(triton.cdiv(c, block_cc), len(slots))](
-                part, *outs, p, c, NR=len(slots), BLOCK_P=block_p, BLOCK_C=block_cc)
+            common.rows(grad_a), x_t, scale_t, shift_t, dx if dx is not None else scale_t, part, m, c,
+            RELU=relu, LOAD_X=relu or need_gx, NEED_DX=need_dx, SLOT_GX=sums.slot("gx"), SLOT_G=sums.slot("g"),
+            NR=sums.nr, **meta)
+        sums.reduce(part)
     else:
-        for s in sums:
-            s.zero_()  # sums over an empty batch
-    return (
-        None if dx is None else _as_reference_format(dx, x),
-        sums[slots["gx"]] if need_gx else None,
-        sums[slots["g"]] if need_g else None,
-    )
+        sums.zero()
+    return None if dx is None else _as_reference_format(dx, x), sums.get("gx"), sums.get("g")
