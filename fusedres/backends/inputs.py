@@ -17,6 +17,13 @@ import torch
 Tensor = torch.Tensor
 
 
+def _op_inputs(cls: type) -> type:
+    """@dataclass(frozen=True), plus the class's field names in `names`."""
+    cls = dataclass(frozen=True)(cls)
+    cls.names = tuple(f.name for f in dataclasses.fields(cls))
+    return cls
+
+
 @dataclass(frozen=True)
 class OpInputs:
     """Base of the op inputs: `op` names the op (messages, tuning keys), `main` the tensor
@@ -27,21 +34,21 @@ class OpInputs:
     main: ClassVar[str] = ""
     multiplied: ClassVar[tuple[str, ...]] = ()
 
-    # The fields in declaration order, read from the instance dict: dataclasses.fields() on
-    # every call would cost microseconds per op call.
+    # The field names, set once per class by @_op_inputs: dataclasses.fields() on every call
+    # would cost microseconds per op call (and torch.compile traces these methods).
+    names: ClassVar[tuple[str, ...]] = ()
 
     def args(self) -> tuple[Any, ...]:
         """The fields in order: the op's arguments, without `backend`."""
-        return tuple(self.__dict__.values())
+        return tuple(getattr(self, n) for n in self.names)
 
     def named_tensors(self) -> list[tuple[str, Tensor]]:
         """(name, tensor) of every tensor given (an absent optional one is left out)."""
-        return [(k, v) for k, v in self.__dict__.items() if isinstance(v, Tensor)]
+        return [(n, getattr(self, n)) for n in self.names if isinstance(getattr(self, n), Tensor)]
 
     def device_types(self) -> list[str]:
         """The tensors' device types, sorted (is_cpu / is_cuda first: building a device is slower)."""
-        types = {"cpu" if v.is_cpu else "cuda" if v.is_cuda else v.device.type
-                 for v in self.__dict__.values() if isinstance(v, Tensor)}
+        types = {"cpu" if v.is_cpu else "cuda" if v.is_cuda else v.device.type for _, v in self.named_tensors()}
         return sorted(types) if len(types) > 1 else list(types)
 
     def main_tensor(self) -> Tensor:
@@ -52,7 +59,7 @@ class OpInputs:
         return []
 
 
-@dataclass(frozen=True)
+@_op_inputs
 class ConvInputs(OpInputs):
     """fusedres::conv_bias_act: act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight))."""
 
@@ -74,7 +81,7 @@ class ConvInputs(OpInputs):
     relu: bool
 
 
-@dataclass(frozen=True)
+@_op_inputs
 class ConvStatsInputs(OpInputs):
     """fusedres::conv_bn_stats: y = conv(relu?(x*in_scale + in_shift), weight) and y's batch statistics."""
 
@@ -93,7 +100,7 @@ class ConvStatsInputs(OpInputs):
     groups: int
 
 
-@dataclass(frozen=True)
+@_op_inputs
 class StatsInputs(OpInputs):
     """fusedres::bn_stats: per-channel mean and biased variance of y."""
 
@@ -106,7 +113,7 @@ class StatsInputs(OpInputs):
         return _activation_reasons(self.y)
 
 
-@dataclass(frozen=True)
+@_op_inputs
 class TailInputs(OpInputs):
     """fusedres::scale_bias_act, the block tail: act(y*scale + bias + r), r = residual or
     residual*residual_scale + residual_bias."""
@@ -135,7 +142,7 @@ class TailInputs(OpInputs):
         return reasons
 
 
-@dataclass(frozen=True)
+@_op_inputs
 class FinalizeInputs(OpInputs):
     """A train-mode BatchNorm's finalize step: (scale, shift) from the batch statistics, and
     the running-statistics update (`running_*` None when the BN tracks none)."""
@@ -150,7 +157,7 @@ class FinalizeInputs(OpInputs):
     eps: float
 
 
-@dataclass(frozen=True)
+@_op_inputs
 class ConvBackwardInputs(OpInputs):
     """The gradients of conv2d(a, weight) given the output's gradient `grad`."""
 

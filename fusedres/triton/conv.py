@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
@@ -455,8 +455,10 @@ TRACEABLE = (not common.INTERPRET and hasattr(torch.library, "triton_op")
              and hasattr(torch.library, "wrap_triton"))
 
 
-def _op_launch(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-               shortcut_stride, relu):
+def _op_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
+               residual: Optional[torch.Tensor], shortcut_x: Optional[torch.Tensor],  # noqa: UP045
+               shortcut_weight: Optional[torch.Tensor], stride: list[int], padding: list[int],  # noqa: UP045
+               dilation: list[int], groups: int, shortcut_stride: list[int], relu: bool) -> torch.Tensor:
     """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)): a new
     channels_last tensor in x's dtype (see `fusedres.triton.conv.conv_bias_act`)."""
     wrap = torch.library.wrap_triton if TRACEABLE else None
@@ -474,6 +476,8 @@ def _op_fake(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, pad
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
+# The annotations above are the schema where torch.library.triton_op ignores `schema=` and
+# infers it (torch 2.11 does).
 if TRACEABLE:
     conv_bias_act_op = torch.library.triton_op(NAME, mutates_args=(), schema=SCHEMA)(_op_launch)
 else:
