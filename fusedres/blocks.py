@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from fusedres import cpu_plan, finite_guard, ops
+from fusedres import cpu_plan, finite_guard, ops, sync_bn
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
@@ -52,9 +52,14 @@ def _conv_reasons(name: str, conv: Any) -> list[str]:
     return []
 
 
+# nn.SyncBatchNorm: the same parameters and buffers; its train-mode statistics are reduced
+# over its process group (fusedres.sync_bn).
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def _bn_reasons(name: str, bn: Any) -> list[str]:
-    if type(bn) is not nn.BatchNorm2d:
-        return [f"{name} is {type(bn).__name__}, not nn.BatchNorm2d"]
+    if type(bn) not in _BATCH_NORMS:
+        return [f"{name} is {type(bn).__name__}, not nn.BatchNorm2d or nn.SyncBatchNorm"]
     return []
 
 
@@ -270,15 +275,17 @@ class FusedBlockMixin:
 
     def _runs_as_train_chain(self, x: torch.Tensor) -> bool:
         """Every BN (downsample's too) uses batch statistics, no conv has a bias, the batch
-        is not empty, and the shortcut is the identity or a plain projection."""
-        if x.shape[0] == 0:
-            return False  # the per-pair path handles empty batches as nn.BatchNorm2d does
+        is not empty, and the shortcut is the identity or a plain projection. (An empty batch
+        takes the per-pair path, as nn.BatchNorm2d handles it, except where a BN is
+        synchronised: every rank must then make the same collectives in the same order.)"""
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._conv_bn_names]
         if self.downsample is not None:
             parts = split_projection(self.downsample)
             if parts is None or parts[0]:
                 return False
             pairs.append(parts[1:])
+        if x.shape[0] == 0 and not any(sync_bn.needs_sync(bn) for _, bn in pairs):
+            return False
         return all(uses_batch_stats(bn) and conv.bias is None for conv, bn in pairs)
 
     def _conv_stats_scale_bias(self, x, conv, bn, scale, shift, *, backend, dtype):
@@ -287,8 +294,9 @@ class FusedBlockMixin:
                                          list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
                                          backend)
         count = y.numel() // y.shape[1]
-        check_count(count, tuple(y.shape), f"{self.describe()}: ")
-        return y, *scale_bias_from_stats(mean, var, count, bn, backend)
+        where = f"{self.describe()}: "
+        check_count(count, tuple(y.shape), where, bn)
+        return y, *scale_bias_from_stats(mean, var, count, bn, backend, where)
 
     def _train_chain(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
         y, scale, shift = x, None, None

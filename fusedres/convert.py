@@ -134,16 +134,25 @@ def _replace_blocks(model: nn.Module, swap) -> tuple[nn.Module, list[str]]:
     return model, skipped
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy that shares the nn.SyncBatchNorm process groups (which cannot be copied)."""
+    groups = {id(m.process_group): m.process_group for m in model.modules()
+              if isinstance(m, nn.SyncBatchNorm) and m.process_group is not None}
+    return copy.deepcopy(model, memo=groups)
+
+
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
     """Replace every torchvision / timm BasicBlock and Bottleneck in `model` with a fused block,
     and fuse the stem (conv1 + bn1 + ReLU) of a torchvision or timm ResNet (fusedres.stem).
 
     The fused blocks share the original parameters and buffers. With `inplace=False`
-    (the default) `model` is deep-copied first and left untouched.
+    (the default) `model` is deep-copied first and left untouched (nn.SyncBatchNorm process
+    groups are shared, not copied). Blocks whose BNs are nn.SyncBatchNorm are fused too, their
+    train-mode statistics reduced over the BN's process group (`fusedres.sync_bn`).
     """
     check_backend_name(backend)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     model, skipped = _replace_blocks(model, lambda m: _to_fused(m, backend))
     for module in model.modules():
         fuse_stem(module, backend)
@@ -156,7 +165,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every fused block with the plain torchvision (or original timm) block."""
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     for module in model.modules():
         unfuse_stem(module)
     model, _ = _replace_blocks(model, lambda m: (_to_plain(m), []))

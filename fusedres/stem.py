@@ -10,7 +10,9 @@ or renamed, so parameters, buffers and state_dict keys are the model's own, and
   channels_last (an NCHW image is converted once here, and the network stays channels_last
   from then on: the logits are the same, intermediate layouts are not);
 * running statistics elsewhere: `fusedres.ops.conv_bias_act` with the folded weight;
-* batch statistics (training): conv1, bn1 and the ReLU modules as they are.
+* batch statistics (training): conv1, bn1 and the ReLU modules as they are; an
+  nn.SyncBatchNorm bn1: conv1, then its statistics (reduced over its process group,
+  `fusedres.sync_bn`) and one `scale_bias_act` (BN + ReLU).
 
 Forward hooks on conv1, bn1 and the ReLU do not fire on the fused paths, as on a fused
 block's own convolutions.
@@ -32,6 +34,7 @@ from torchvision.models import resnet as tv_resnet
 
 from fusedres import cpu_plan, finite_guard, ops
 from fusedres.backends import resolve_backend_name
+from fusedres.batchnorm import batch_norm_scale_bias
 from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
 
 BACKEND_ATTR = "_fusedres_backend"  # the backend convert() was given
@@ -42,7 +45,7 @@ _TIMM_MODULE = "timm.models.resnet"
 def _stem_modules(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module] | None:
     act = getattr(model, "relu", None) if isinstance(model, tv_resnet.ResNet) else getattr(model, "act1", None)
     conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or type(act) is not nn.ReLU:
+    if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or type(act) is not nn.ReLU:
         return None  # e.g. timm's deep stems (conv1 is a Sequential)
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
@@ -53,6 +56,9 @@ def _fused_stem(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float 
     """relu(bn1(conv1(x))), fused where the module doc says, and a bound on it (or None)."""
     conv, bn, act = _stem_modules(model)
     autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+    if type(bn) is nn.SyncBatchNorm and uses_batch_stats(bn) and isinstance(x, torch.Tensor):
+        # nn.SyncBatchNorm's own forward refuses CPU tensors once torch.distributed is up
+        return _synced_stem(model, conv, bn, x), None
     if uses_batch_stats(bn) or not isinstance(x, torch.Tensor) or x.dim() != 4 or (
             x.dtype != conv.weight.dtype and not autocast) or x.device != conv.weight.device:
         return act(bn(conv(x))), None  # training, or an input PyTorch's own error messages should name
@@ -68,6 +74,15 @@ def _fused_stem(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float 
     weight, bias = cache.folded("conv1", conv, bn, dtype)
     return ops.conv_bias_act(x.to(dtype), weight, bias, None, None, None, list(conv.stride), list(conv.padding),
                              list(conv.dilation), conv.groups, [1, 1], True, backend), None
+
+
+def _synced_stem(model: nn.Module, conv: nn.Conv2d, bn: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """relu(bn1(conv1(x))) with bn1's batch statistics, reduced over its process group when
+    it has more than one rank (fusedres.sync_bn)."""
+    backend = resolve_backend_name(model.__dict__.get(BACKEND_ATTR, "auto"))
+    y = conv(x)
+    scale, bias = batch_norm_scale_bias(y, bn, backend, "the stem's bn1: ")
+    return ops.scale_bias_act(y, scale, bias, None, None, None, True, backend)
 
 
 def _planned(cache: FoldCache, conv: nn.Conv2d, bn: nn.BatchNorm2d,
