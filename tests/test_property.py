@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torchvision.models.resnet as tv
-from helpers import _single_intra_op_thread, assert_close_scaled  # noqa: F401  (a module fixture: 1 thread)
+from helpers import _single_intra_op_thread, assert_close_scaled, randomize_bn  # noqa: F401  (a module fixture: 1 thread)
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -227,18 +227,12 @@ def block_configs(draw, max_channels: int = 12, max_hw: int = 17, max_batch: int
 
 
 def _randomize_bn_state(model: nn.Module, num_batches_tracked: int) -> None:
-    """Like helpers.randomize_bn, plus a random num_batches_tracked (momentum=None's
-    cumulative average divides by it)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                if m.running_mean is not None:
-                    m.running_mean.normal_(0, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
-                    m.num_batches_tracked.fill_(num_batches_tracked)
-                if m.weight is not None:
-                    m.weight.normal_(1.0, 0.3)
-                    m.bias.normal_(0, 0.3)
+    """helpers.randomize_bn, plus a random num_batches_tracked (momentum=None's cumulative
+    average divides by it)."""
+    randomize_bn(model)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+            m.num_batches_tracked.fill_(num_batches_tracked)
 
 
 def _set_modes(model: nn.Module, cfg: BlockConfig) -> None:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres import reference
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FUSEDRES_TRITON_AUTOTUNE=0 keeps one GPU config per kernel: correctness runs (the GPU
 # tests) then compile each kernel variant once instead of once per config.
@@ -162,8 +164,7 @@ def pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
     return t
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+conv_out_size = reference.conv_output_size  # one formula for the fakes, the checks and the launchers
 
 
 @dataclasses.dataclass(frozen=True)
