@@ -7,6 +7,13 @@ storage), so in-place edits, load_state_dict, optimizer steps, train-mode forwar
 and .half() all rebuild it. (Writes made through `tensor.data` bypass version counters; after such a
 write, call `fusedres.clear_fold_cache(model)`.)
 
+One writer bypasses them on its own: DistributedDataParallel (torch 2.14) broadcasts the
+authoritative rank's buffers at each forward under `_unsafe_preserve_version_counter`. So
+inside the forward of a DDP module that broadcasts buffers to this rank, nothing is cached
+or reused (BN is folded afresh, as it is on torch 2.11, whose broadcast bumps the versions),
+and every fold cached before is dropped (`_broadcast_epoch` is part of each key): after such
+a forward, the buffers may hold another rank's statistics.
+
 The cache is used only when autograd is off (torch.no_grad / torch.inference_mode).
 With autograd on, folding is recomputed each call as differentiable tensor math, so
 gradients reach the conv and BN parameters; under torch.compile it is traced into the
@@ -35,6 +42,33 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch
     return weight.to(dtype), bias
 
 
+try:
+    from torch.nn.parallel import DistributedDataParallel as _DDP
+except ImportError:  # torch built without distributed support
+    _DDP = None
+
+# Bumped whenever a fold is asked for inside a buffer-broadcasting DDP forward: part of every
+# cache key, so folds cached before that broadcast are never reused after it.
+_broadcast_epoch = 0
+
+
+def inside_buffer_broadcast() -> bool:
+    """True inside the forward of a DDP module whose buffer broadcast may overwrite this
+    rank's buffers: it broadcasts them (`broadcast_buffers=True`, the default) and this
+    rank is not the source (group rank 0, or any rank when DDP's join mode is on).
+    (`_active_ddp_module` and the rest are DDP internals, as of torch 2.11-2.14; if they
+    are missing, assume the worst.)"""
+    ddp = _DDP._active_ddp_module if _DDP is not None else None
+    if ddp is None:
+        return False
+    try:
+        if not ddp.will_sync_module_buffers():
+            return False
+        return ddp._join_config.enable or ddp.process_group.rank() != 0
+    except AttributeError:
+        return True
+
+
 def _tensor_key(t: torch.Tensor | None) -> tuple | None:
     if t is None:
         return None
@@ -47,9 +81,14 @@ _warned_inference_params = False
 def cache_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple | None:
     """What a folded weight depends on: equal keys mean the cached fold is still right.
     None when a parameter is an inference tensor (made under torch.inference_mode): it has
-    no version counter, so nothing can tell when it changes and nothing may be cached.
+    no version counter, so nothing can tell when it changes and nothing may be cached;
+    None too inside a buffer-broadcasting DDP forward (see the module docstring).
     (Read from the modules' registries, not through nn.Module.__getattr__: this runs on
     every eval call, and at batch 1 its cost shows.)"""
+    if inside_buffer_broadcast():
+        global _broadcast_epoch
+        _broadcast_epoch += 1
+        return None
     params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
     # num_batches_tracked too: nn.BatchNorm2d's training forward updates the running stats
     # inside the batch_norm kernel, which leaves their version counters alone, and counts the
@@ -57,7 +96,7 @@ def cache_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple 
     tensors = (params.get("weight"), params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
                buffers.get("running_mean"), buffers.get("running_var"), buffers.get("num_batches_tracked"))
     try:
-        return (dtype, bn.eps, *(_tensor_key(t) for t in tensors))
+        return (dtype, bn.eps, _broadcast_epoch, *(_tensor_key(t) for t in tensors))
     except RuntimeError:  # "Inference tensors do not track version counter"
         global _warned_inference_params
         if not _warned_inference_params:

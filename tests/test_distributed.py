@@ -22,7 +22,6 @@ differences do not grow chaotically over the steps (see helpers.py).
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 
@@ -36,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import fusedres
+from fusedres import folding
 
 RTOL = 1e-10
 STEPS = 3
@@ -52,15 +52,6 @@ DDP_OPTIONS = {
     "gradient_as_bucket_view": {"gradient_as_bucket_view": True},
     "static_graph": {"static_graph": True},
 }
-
-# Newer torch (2.14.1; not 2.11.0) broadcasts DDP's buffers under
-# torch.autograd._unsafe_preserve_version_counter, so the broadcast leaves their version
-# counters, the key of fusedres's fold cache, unchanged.
-try:
-    DDP_BROADCAST_KEEPS_VERSIONS = "_unsafe_preserve_version_counter" in inspect.getsource(DDP._sync_buffers)
-except (OSError, TypeError):  # no source: assume the newer behaviour
-    DDP_BROADCAST_KEEPS_VERSIONS = True
-
 
 # --------------------------------------------------------------------------------------
 # Rank-side helpers (run in the spawned processes)
@@ -178,7 +169,9 @@ def _train_parity(group, rank: int, make_model, ddp_options: dict, steps: int = 
 def _stale_fold_after_broadcast(group, rank: int) -> None:
     """Eval through the wrapped module (no DDP forward: no buffer sync) caches a fold of this
     rank's own running statistics; the next DDP forward broadcasts rank 0's statistics into
-    the buffers; the eval output must then use rank 0's statistics, as torchvision's does."""
+    the buffers (on torch 2.14 without bumping their version counters); the eval output must
+    then use rank 0's statistics, as torchvision's does, through DDP and through `.module`
+    afterwards. Rank 0, the broadcast's source, keeps its cache."""
     ref = _torchvision_model()
     fused = _fused_copy(ref)
     ref_ddp, fused_ddp = DDP(ref, process_group=group), DDP(fused, process_group=group)
@@ -187,11 +180,20 @@ def _stale_fold_after_broadcast(group, rank: int) -> None:
         model.train()
         (model(x) * weights).sum().backward()  # local running stats now differ across ranks
         model.eval()
+    seen = []  # per forward: (inside_buffer_broadcast(), did this forward's DDP broadcast buffers)
+    active = DDP._get_active_ddp_module
+    fused.layer1[0].register_forward_pre_hook(lambda *_: seen.append(
+        (folding.inside_buffer_broadcast(), active() is not None and active().will_sync_module_buffers())))
     with torch.no_grad():
         assert_close_scaled(fused(x), ref(x), RTOL, "eval through .module (local statistics)")
-        expected, actual = ref_ddp(x), fused_ddp(x)  # rank 0's statistics broadcast first
-    _compare_buffers_and_params(ref, fused, "after the broadcast")
-    assert_close_scaled(actual, expected, RTOL, f"rank {rank}: eval through DDP after its buffer broadcast")
+        for call in range(2):
+            expected, actual = ref_ddp(x), fused_ddp(x)  # rank 0's statistics broadcast first
+            assert_close_scaled(actual, expected, RTOL, f"rank {rank}: eval {call} through DDP after its broadcast")
+        _compare_buffers_and_params(ref, fused, "after the broadcast")
+        assert_close_scaled(fused(x), ref(x), RTOL, "eval through .module after the DDP forwards")
+    # DDP broadcasts at the first no-grad forward after a training one, not at the next.
+    assert seen == [(False, False), (rank != 0, True), (False, False), (False, False)], (
+        f"rank {rank}: (inside_buffer_broadcast(), DDP broadcast) per forward: {seen}")
 
 
 def _fold_cached_before_ddp_init(group, rank: int) -> None:
@@ -269,10 +271,6 @@ def test_ddp_train_parity_bottleneck(two_ranks):
     _assert_passed(two_ranks, "parity[bottleneck]")
 
 
-@pytest.mark.xfail(DDP_BROADCAST_KEEPS_VERSIONS, strict=True, reason=(
-    "fusedres bug: DDP (torch 2.14.1, not 2.11.0) broadcasts buffers under _unsafe_preserve_version_counter, "
-    "so the fold cache (fusedres/folding.py, cache_key: keyed on tensor version counters) misses "
-    "the new running statistics and a non-zero rank's eval output uses its stale local fold"))
 def test_ddp_eval_fold_not_stale_after_buffer_broadcast(two_ranks):
     _assert_passed(two_ranks, "stale_fold_after_broadcast")
 
