@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedres import ops, sync_bn
+from fusedres import ops, reference, sync_bn
 from fusedres.backends import select_backend
 from fusedres.backends.inputs import FinalizeInputs
 
@@ -50,14 +50,20 @@ def scale_bias_from_stats(mean: torch.Tensor, var: torch.Tensor, count: int, bn:
     channel, updating `bn`'s running statistics (differentiable in mean, var and bn's affine).
     For an nn.SyncBatchNorm in a process group, the statistics are first those of the whole
     group's batch (`fusedres.sync_bn`)."""
+    group_count: torch.Tensor | int | None = None
     if sync_bn.needs_sync(bn):
-        mean, var, count = sync_bn.global_stats(mean, var, count, bn)
-        if count == 1:
-            raise ValueError(f"{where}Expected more than 1 value per channel when training, got 1 in the whole "
-                             f"process group's batch")
+        mean, var, group_count = sync_bn.global_stats(mean, var, count, bn)
+        if count <= 1:  # only then can the group's batch have fewer than 2 values: look (a host sync)
+            group_count = int(group_count.item())
+            if group_count == 1:
+                raise ValueError(f"{where}Expected more than 1 value per channel when training, got 1 in the "
+                                 f"whole process group's batch")
     inputs = FinalizeInputs(mean, var, bn.weight, bn.bias, bn.eps)
     impl = select_backend(backend, inputs)
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        impl.bn_update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(),
-                                     var.detach(), bn.momentum, count)
+        stats = (bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(), var.detach(), bn.momentum)
+        if isinstance(group_count, torch.Tensor):  # a group count of at least 2, on the device
+            reference.bn_update_running_stats(*stats, group_count)
+        else:
+            impl.bn_update_running_stats(*stats, count if group_count is None else group_count)
     return impl.bn_finalize(inputs)

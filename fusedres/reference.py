@@ -217,13 +217,14 @@ def bn_finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | No
 
 def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                             num_batches_tracked: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                            momentum: float | None, count: int) -> None:
+                            momentum: float | None, count: int | torch.Tensor) -> None:
     """nn.BatchNorm2d's update, in place: num_batches_tracked += 1, then (count > 0) the
     running mean and unbiased running variance move by momentum, or by 1 /
-    num_batches_tracked when momentum is None (cumulative average)."""
+    num_batches_tracked when momentum is None (cumulative average). A tensor count (a
+    synchronised BN's group count, 0-dim, at least 2) is used on the device, unread."""
     with torch.no_grad():
         num_batches_tracked.add_(1)
-        if count == 0:
+        if isinstance(count, int) and count == 0:
             return  # nn.BatchNorm2d leaves the running statistics alone for an empty batch
         factor = 1.0 / num_batches_tracked.to(torch.float64) if momentum is None else momentum
         unbiased_var = var * (count / (count - 1))

@@ -16,6 +16,13 @@ sum(dy) and sum(dy * x_hat); each rank's local statistics then get their share.
 Synchronisation happens exactly where nn.SyncBatchNorm synchronises: in training, with
 torch.distributed initialised and more than one rank in the BN's group (default: the
 world); otherwise the BN behaves as nn.BatchNorm2d (no communication).
+
+No host syncs: the global count stays a tensor (the running variance's N / (N - 1) is
+computed with it on the device), except on a rank whose own batch has at most one value
+per channel, which reads it to refuse a group total of one value (nn.BatchNorm2d's error;
+nn.SyncBatchNorm would return NaN running variances) and to skip an empty group batch.
+Under torch.compile the collectives trace (dynamo turns them into functional collectives)
+and a synchronised BN adds no graph break.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ def _group(bn: nn.SyncBatchNorm):
 
 
 def global_stats(mean: torch.Tensor, var: torch.Tensor, count: int,
-                 bn: nn.SyncBatchNorm) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 bn: nn.SyncBatchNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, biased var, count) of the whole batch over `bn`'s process group, from this
-    rank's; differentiable in mean and var (see the module doc)."""
-    g_mean, g_var, total = _GlobalStats.apply(mean, var, count, _group(bn))
-    return g_mean, g_var, int(total.item())  # the count is a Python int for the finalize (one host sync)
+    rank's; differentiable in mean and var (see the module doc). The count is a float64
+    0-dim tensor on mean's device: reading it would cost a host sync (and a graph break
+    under torch.compile)."""
+    return _GlobalStats.apply(mean, var, count, _group(bn))
 
 
 class _GlobalStats(torch.autograd.Function):
@@ -62,7 +70,7 @@ class _GlobalStats(torch.autograd.Function):
         ctx.group, ctx.dtype = group, mean.dtype
         ctx.save_for_backward(local[1], g_mean, n / total)
         ctx.mark_non_differentiable(total)
-        return g_mean.to(mean.dtype), (g_m2 / total).to(var.dtype), total[:1]
+        return g_mean.to(mean.dtype), (g_m2 / total).to(var.dtype), total[0]
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var, _grad_total):

@@ -10,6 +10,7 @@ match the single process in float64.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from unittest import mock
@@ -57,14 +58,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale if scale else (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def _parity_body(rank, world_size, groups, sizes, block, backend, momentum, steps):
+def _parity_body(rank, world_size, groups, sizes, block, backend, momentum, steps, compile_backend=None):
     """Train the fused SyncBN model on this rank's slice and the reference on the group's
-    batch; return the worst relative error per kind, and the collectives per step."""
+    batch; return the worst relative error per kind, and the collectives per step (with
+    `compile_backend`: the model under torch.compile, and its graph breaks instead)."""
     handles = [dist.new_group(g) for g in groups]  # collective: every rank creates every group
     (members,) = [g for g in groups if rank in g]
     group = handles[groups.index(members)]
     ref = _reference(block, momentum)
     model = _fused_sync(ref, backend, group, convert_first=rank % 2 == 0)
+    run = model
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = torch.compile(model, backend=compile_backend)
     opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
     errors: dict[str, float] = {}
     calls = {"all_gather": 0, "all_reduce": 0}
@@ -87,9 +94,11 @@ def _parity_body(rank, world_size, groups, sizes, block, backend, momentum, step
         total, mine = sum(sizes[r] for r in members), members.index(rank)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a block falling back to torchvision's forward warns
-            with mock.patch.object(sync_bn.dist, "all_gather", counting("all_gather")), \
-                    mock.patch.object(sync_bn.dist, "all_reduce", counting("all_reduce")):
-                out = model(xs[mine])
+            with contextlib.ExitStack() as patches:
+                if compile_backend is None:  # dynamo would trace the counters, not count calls
+                    patches.enter_context(mock.patch.object(sync_bn.dist, "all_gather", counting("all_gather")))
+                    patches.enter_context(mock.patch.object(sync_bn.dist, "all_reduce", counting("all_reduce")))
+                out = run(xs[mine])
                 ((out * weights).sum() / total).backward()
         for p in model.parameters():
             dist.all_reduce(p.grad, group=group)
@@ -108,7 +117,9 @@ def _parity_body(rank, world_size, groups, sizes, block, backend, momentum, step
     model.eval(), ref.eval()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
-        worst("eval output", _rel(model(x), ref(x)))
+        worst("eval output", _rel(model(x), ref(x)))  # eval folds: not what the compile check is about
+    if compile_backend is not None:
+        return errors, {"graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
     return errors, {k: v // steps for k, v in calls.items()}
 
 
@@ -145,6 +156,16 @@ def test_three_ranks_bottleneck_empty_rank_subset_group_and_cumulative_momentum(
     rank 2 is a group of its own (world size 1: nn.BatchNorm2d's behaviour, no collective)."""
     results = run_ranks(3, _parity_body, [[0, 1], [2]], [4, 0, 3], "bottleneck", "torch", None, 2)
     _check(results, "bottleneck", {0, 1})
+
+
+def test_two_ranks_compiled_without_graph_breaks():
+    """torch.compile (aot_eager) of the fused SyncBN model: the collectives trace (no graph
+    break: the group count stays a tensor), same numbers as the single process."""
+    results = run_ranks(2, _parity_body, [[0, 1]], [3, 5], "basic", "torch", 0.3, 2, "aot_eager")
+    for rank, (errors, counts) in enumerate(results):
+        for kind, value in errors.items():
+            assert value <= (0 if kind == "num_batches_tracked" else RTOL), (rank, kind, value)
+        assert counts == {"graph_breaks": 0}, (rank, counts)
 
 
 def test_without_a_process_group_syncbn_blocks_behave_as_batchnorm():
@@ -202,6 +223,34 @@ def test_single_block_float32_on_every_backend():
         for backend, errors in per_backend.items():
             for kind, value in errors.items():
                 assert value <= 4 * 4 * 180 ** 0.5 * torch.finfo(torch.float32).eps, (backend, kind, value)
+
+
+def _few_values_body(rank, world_size, sizes):
+    """A fused BasicBlock with SyncBatchNorm on 1x1 maps, float64: this rank's batch of
+    sizes[rank] images has that many values per channel. The output against torchvision's
+    block with BatchNorm2d on the whole batch, or the error the block raises."""
+    torch.manual_seed(0)
+    ref = randomize_bn(tv.BasicBlock(4, 4)).double()
+    block = fusedres.BasicBlock(4, 4, backend="torch").double()
+    block.load_state_dict(ref.state_dict())
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(block)
+    xs = [torch.randn(n, 4, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) for n in sizes]
+    try:
+        out = block(xs[rank])
+    except ValueError as e:
+        return str(e)
+    start = sum(sizes[:rank])
+    return _rel(out, ref(torch.cat(xs))[start:start + sizes[rank]].detach())
+
+
+def test_one_value_per_channel_on_a_rank():
+    """A rank with one value per channel (nn.BatchNorm2d would refuse it) is fine when the
+    group has more; a group total of one value raises nn.BatchNorm2d's error on every rank
+    (nn.SyncBatchNorm gives NaN running variances), the same error, without a hang."""
+    assert all(e <= RTOL for e in run_ranks(2, _few_values_body, [1, 2]))
+    messages = run_ranks(2, _few_values_body, [1, 0])
+    assert all(isinstance(m, str) and "Expected more than 1 value per channel" in m
+               and "whole process group" in m for m in messages), messages
 
 
 def _gpu_ddp_body(rank, world_size, steps):
