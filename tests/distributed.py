@@ -2,7 +2,7 @@
 
     from distributed import run_ranks
 
-    def _body(rank, world_size, scale):      # module level, so that spawn can pickle it
+    def _body(rank, world_size, scale):      # module level, so that it pickles by name
         t = torch.full((1,), float(rank) * scale)
         dist.all_reduce(t)
         return t.item()                      # anything picklable comes back to the parent
@@ -10,8 +10,8 @@
     def test_sum():
         assert run_ranks(2, _body, 2.0) == [2.0, 2.0]
 
-`run_ranks(world_size, body, *args)` starts `world_size` processes with the spawn start
-method; each sets `torch.set_num_threads(1)`, joins a process group (gloo by default, a TCP
+`run_ranks(world_size, body, *args)` starts `world_size` processes with the forkserver
+start method (see `_context`); each sets `torch.set_num_threads(1)`, joins a process group (gloo by default, a TCP
 store on a free 127.0.0.1 port, a bounded `timeout` so that mismatched collectives raise
 instead of hanging), calls `body(rank, world_size, *args)`, sends its return value or its
 traceback back through a multiprocessing queue, and destroys its process group. The parent
@@ -19,14 +19,17 @@ returns the rank-ordered results, or raises `RankFailure` with every failing ran
 traceback; ranks still running `grace` seconds after the first failure, and all ranks at
 the overall `timeout`, are killed.
 
-Spawned children import the module that defines `body` by name, with the parent's
-`sys.path` (multiprocessing passes it on), so bodies can live in a test module that tests/
-is on the path for (`from distributed import run_ranks`, as `from helpers import ...`).
-They inherit the parent's environment (TRITON_INTERPRET from conftest.py, PYTHONPATH);
-`env=` sets or (with None) removes variables for the children only.
+Children import the module that defines `body` by name, with the parent's `sys.path`
+(multiprocessing passes it on), so bodies can live in a test module that tests/ is on the
+path for (`from distributed import run_ranks`, as `from helpers import ...`). They get the
+parent's environment as it is at `run_ranks` (TRITON_INTERPRET from conftest.py,
+PYTHONPATH); `env=` sets or (with None) removes variables for the children only.
 
-One spawn costs seconds (interpreter start, torch and fusedres imports, on every rank), so
-run several checks inside one spawn: `run_checks(checks)` runs named checks one after
+Starting ranks: with the spawn start method every rank pays an interpreter start and the
+torch, torchvision and fusedres imports, ~4-5 s on the 2-core CI machine (measured). A
+forkserver started once per test session with those modules preloaded forks each rank
+from a process that has them already (and has run no threads, which fork would not copy).
+Even so, run several checks inside one start: `run_checks(checks)` runs named checks one after
 another, each on a process group of its own (a check that fails part-way cannot feed its
 pending collectives to the next check), and returns {name: None or traceback};
 `check_failures(results, name)` in the parent collects one check's failures over ranks.
@@ -49,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-DEFAULT_TIMEOUT = 180.0       # seconds for the whole run, spawn included
+DEFAULT_TIMEOUT = 180.0       # seconds for the whole run, process start included
 DEFAULT_PG_TIMEOUT = 60.0     # seconds a collective (or the rendezvous) may wait
 DEFAULT_GRACE = 10.0          # seconds the other ranks get to report after one fails
 
@@ -65,8 +68,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Imported once by the forkserver, before it forks any rank (a missing one is skipped).
+PRELOAD = ["torch", "torch.distributed", "torchvision", "timm", "fusedres", "helpers", "distributed"]
+
+
+def _context():
+    """The forkserver context, its preload set (a no-op once its server runs)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def _child(rank: int, world_size: int, port: int, backend: str, pg_timeout: float,
-           body: Callable[..., Any], args: tuple, results: Any) -> None:
+           environ: dict[str, str], body: Callable[..., Any], args: tuple, results: Any) -> None:
+    # The forkserver's environment is the parent's when the server started: set today's.
+    os.environ.clear()
+    os.environ.update(environ)
     torch.set_num_threads(1)
     import fusedres  # noqa: F401  (children must import it, even when `body`'s module does not)
 
@@ -87,45 +104,37 @@ def _child(rank: int, world_size: int, port: int, backend: str, pg_timeout: floa
                 pass
 
 
-@contextlib.contextmanager
-def _environment(env: Mapping[str, str | None] | None):
-    """Set (None: remove) environment variables while the children start, then restore."""
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    try:
-        for k, v in (env or {}).items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _environment(env: Mapping[str, str | None] | None) -> dict[str, str]:
+    """The parent's environment with `env` applied (None: remove the variable)."""
+    environ = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            environ.pop(k, None)
+        else:
+            environ[k] = v
+    return environ
 
 
 def run_ranks(world_size: int, body: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT,
               pg_timeout: float = DEFAULT_PG_TIMEOUT, grace: float = DEFAULT_GRACE, backend: str = "gloo",
               env: Mapping[str, str | None] | None = None) -> list[Any]:
-    """Run `body(rank, world_size, *args)` in `world_size` spawned processes; return the
+    """Run `body(rank, world_size, *args)` in `world_size` new processes; return the
     results in rank order, or raise RankFailure with the failing ranks' tracebacks.
 
     `body` and `args` must be picklable (a module-level function). `pg_timeout` bounds the
     rendezvous and every collective of the default group; `timeout` the whole run; after a
     first failure the others get `grace` seconds to report before they are killed.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
+    environ = _environment(env)
     procs = []
-    with _environment(env):
-        for rank in range(world_size):
-            p = ctx.Process(target=_child, name=f"rank{rank}", daemon=True,
-                            args=(rank, world_size, port, backend, pg_timeout, body, args, results))
-            p.start()
-            procs.append(p)
+    for rank in range(world_size):
+        p = ctx.Process(target=_child, name=f"rank{rank}", daemon=True,
+                        args=(rank, world_size, port, backend, pg_timeout, environ, body, args, results))
+        p.start()
+        procs.append(p)
 
     values: dict[int, Any] = {}
     errors: dict[int, str] = {}

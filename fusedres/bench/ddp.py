@@ -3,7 +3,8 @@
     python -m fusedres.bench.ddp --world-size 2 --model resnet18 --batch 8 --image 64
     python -m fusedres.bench.ddp --world-size 8 --model resnet50 --batch 64 --dtype bf16 --json ddp.json
 
-N processes (torch.multiprocessing, spawn) join a process group on a free 127.0.0.1 port
+N processes (torch.multiprocessing, forkserver: each rank forks from a server that imported
+torch and fusedres once, and has touched neither threads nor CUDA) join a process group on a free 127.0.0.1 port
 with a bounded timeout: NCCL with one GPU per rank when torch.cuda.device_count() >= N,
 else gloo on the CPU (each rank with cpu_count // N threads). Rows, each one training step
 (forward, cross-entropy, backward, SGD step) on the rank's slice of one seeded global batch:
@@ -409,10 +410,11 @@ def _free_port() -> int:
 
 def _spawn(cfg: Config, nccl: bool, timeout_s: float) -> list[dict]:
     """Run every rank; their results in rank order (a rank's exception is raised here)."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "fusedres"])  # no-op if the server runs already
     results = ctx.Queue()
     procs = mp.start_processes(_rank_main, args=(cfg, _free_port(), nccl, results), nprocs=cfg.world_size,
-                               join=False, start_method="spawn")
+                               join=False, start_method="forkserver")
     got: dict[int, dict] = {}
     deadline = time.monotonic() + timeout_s
     try:
