@@ -34,6 +34,7 @@ from fusedres import cpu_plan, finite_guard, ops, sync_bn
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
+from fusedres.shortcuts import ZeroPadShortcut, check_option_a
 
 
 class Projection(NamedTuple):
@@ -85,6 +86,7 @@ class FusedBlockMixin:
     backend: str
     _fold_cache: FoldCache
     _conv_bn_names: tuple[tuple[str, str], ...]
+    _has_shortcut = True  # False: a plain block (no residual add at all)
 
     def __init__(
         self,
@@ -98,15 +100,32 @@ class FusedBlockMixin:
         norm_layer: Any = None,
         *,
         backend: str = "auto",
+        shortcut: str = "B",
     ) -> None:
-        """torchvision's constructor (the next class in the MRO), then `backend=`."""
+        """torchvision's constructor (the next class in the MRO), then `backend=` and
+        `shortcut=`: "B" (torchvision's: identity, or `downsample` where given) or "A" (the
+        CIFAR ResNets' parameter-free zero-padding shortcut, `fusedres.shortcuts`, where the
+        block changes shape; `downsample` must be None)."""
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        if shortcut == "A":
+            out_channels = planes * self.expansion
+            if downsample is not None:
+                raise ValueError(f"{self.describe()}: shortcut='A' is parameter-free; pass downsample=None")
+            check_option_a(inplanes, out_channels, stride, self.describe())
+            if stride != 1 or out_channels != inplanes:
+                self.downsample = ZeroPadShortcut(inplanes, out_channels, stride)
+        elif shortcut != "B":
+            raise ValueError(f"{type(self).__name__}: shortcut must be 'A' or 'B', got {shortcut!r}")
         self._init_fused(backend)
 
     def _init_fused(self, backend: str) -> None:
         self.backend = check_backend_name(backend)
         self._fold_cache = FoldCache()
         self._warned_fallback = False
+
+    def shared_module_names(self) -> tuple[str, ...]:
+        """The submodules a fused block shares with the block it was made from."""
+        return (*(name for pair in self._conv_bn_names for name in pair), "downsample")
 
     def describe(self) -> str:
         conv1 = self.conv1
@@ -156,7 +175,9 @@ class FusedBlockMixin:
             return torch.get_autocast_dtype(device_type)
         return x.dtype
 
-    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | Projection:
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | Projection | None:
+        if not self._has_shortcut:
+            return None
         if self.downsample is None:
             return x
         parts = split_projection(self.downsample)
@@ -262,7 +283,7 @@ class FusedBlockMixin:
 
     def _build_cpu_plan(self, key, pairs, parts, dtype) -> cpu_plan.BlockPlan:
         folds = [fold(conv, bn, dtype) for conv, bn in pairs]
-        shortcut = cpu_plan.Shortcut()
+        shortcut = cpu_plan.Shortcut(none=not self._has_shortcut)
         if parts is not None:
             pre, conv, bn = parts
             weight, bias = fold(conv, bn, dtype)
@@ -303,7 +324,7 @@ class FusedBlockMixin:
         for conv_name, bn_name in self._conv_bn_names:
             y, scale, shift = self._conv_stats_scale_bias(y, getattr(self, conv_name), getattr(self, bn_name),
                                                           scale, shift, backend=backend, dtype=dtype)
-        residual, residual_scale, residual_shift = x, None, None
+        residual, residual_scale, residual_shift = (x if self._has_shortcut else None), None, None
         if self.downsample is not None:
             _, conv, bn = split_projection(self.downsample)
             residual, residual_scale, residual_shift = self._conv_stats_scale_bias(
@@ -344,3 +365,18 @@ class Bottleneck(FusedBlockMixin, tv_resnet.Bottleneck):
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return tv_resnet.Bottleneck.forward(self, x)
 
+
+
+class PlainBlock(BasicBlock):
+    """BasicBlock without its shortcut: relu(bn2(conv2(relu(bn1(conv1(x)))))), each conv-BN-ReLU
+    fused. The "plain" networks of the degradation experiment (He et al. 2016) are made of
+    these. No torchvision block computes this, so `revert` leaves it as it is."""
+
+    _has_shortcut = False
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, norm_layer: Any = None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(inplanes, planes, stride, None, norm_layer=norm_layer, backend=backend)
+
+    def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))

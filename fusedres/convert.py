@@ -13,6 +13,7 @@ import warnings
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from fusedres import preact
 from fusedres.backends import check_backend_name
 from fusedres.blocks import BasicBlock, Bottleneck, FusedBlockMixin
 from fusedres.stem import fuse_stem, unfuse_stem
@@ -81,6 +82,9 @@ def _to_fused(module: nn.Module, backend: str) -> tuple[nn.Module | None, list[s
     """(fused block, []) or (None, reasons); (None, []) when `module` is not a block at all."""
     if type(module) in _TORCHVISION_TO_FUSED:
         fused = _fused_from_torchvision(module, backend)
+    elif preact.is_timm_preact_block(module):
+        fused = preact.from_timm(module, backend)
+        object.__setattr__(fused, _SOURCE_ATTR, module)
     elif _is_timm_block(module):
         reasons = _timm_reasons(module)
         if reasons:
@@ -93,16 +97,14 @@ def _to_fused(module: nn.Module, backend: str) -> tuple[nn.Module | None, list[s
 
 
 def _to_plain(module: nn.Module) -> nn.Module | None:
-    if not isinstance(module, FusedBlockMixin):
+    if not isinstance(module, (FusedBlockMixin, preact.PreActBlockMixin)):
         return None
     source = module.__dict__.get(_SOURCE_ATTR)
     if source is not None:
         plain = copy.copy(source)
         plain.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in source.__dict__.items()})
-        for conv_name, bn_name in module._conv_bn_names:
-            setattr(plain, conv_name, getattr(module, conv_name))
-            setattr(plain, bn_name, getattr(module, bn_name))
-        plain.downsample = module.downsample
+        for name in module.shared_module_names():
+            setattr(plain, name, getattr(module, name))
         plain.training = module.training  # not .train(): that would reset each BN's own mode
         return plain
     cls = _FUSED_TO_TORCHVISION.get(type(module))
@@ -142,8 +144,9 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
-    """Replace every torchvision / timm BasicBlock and Bottleneck in `model` with a fused block,
-    and fuse the stem (conv1 + bn1 + ReLU) of a torchvision or timm ResNet (fusedres.stem).
+    """Replace every torchvision / timm BasicBlock and Bottleneck, and every timm pre-activation
+    block (`resnetv2_*`: PreActBasic, PreActBottleneck), in `model` with a fused block, and
+    fuse the stem (conv1 + bn1 + ReLU) of a torchvision or timm ResNet (fusedres.stem).
 
     The fused blocks share the original parameters and buffers. With `inplace=False`
     (the default) `model` is deep-copied first and left untouched (nn.SyncBatchNorm process
@@ -163,7 +166,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
 
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every fused block with the plain torchvision (or original timm) block."""
+    """Replace every fused block with the plain torchvision (or original timm) block (a block
+    that has none, fusedres.PlainBlock, a PreAct block not made from timm's, stays)."""
     if not inplace:
         model = _copy(model)
     for module in model.modules():

@@ -122,12 +122,14 @@ def packed_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None
 
 @dataclass
 class Shortcut:
-    """How a block's residual is made: identity (both None), a packed 1x1 projection after
-    `pre` modules (timm's avg-down pool), or an opaque downsample module."""
+    """How a block's residual is made: identity (conv and module None), a packed 1x1
+    projection after `pre` modules (timm's avg-down pool), an opaque downsample module, or
+    none at all (a plain block)."""
 
     pre: Sequence[nn.Module] = ()
     conv: PackedConv | None = None
     module: Callable[[torch.Tensor], torch.Tensor] | None = None
+    none: bool = False  # a plain block: no residual at all
 
 
 class BlockPlan:
@@ -213,8 +215,10 @@ class BlockPlan:
         return max(peak, out), out
 
     def _residual(self, x: torch.Tensor, bound: float, checking: bool,
-                  dense: bool) -> tuple[torch.Tensor, float]:
+                  dense: bool) -> tuple[torch.Tensor | None, float]:
         shortcut = self.shortcut
+        if shortcut.none:
+            return None, 0.0
         layout = torch.contiguous_format if dense else torch.channels_last
         if shortcut.module is not None:
             residual = shortcut.module(x).to(self.dtype).contiguous(memory_format=layout)

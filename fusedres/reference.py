@@ -215,6 +215,13 @@ def bn_finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | No
     return scale, shift
 
 
+def zero_pad_shortcut(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
+    """The CIFAR ResNets' option-A shortcut: x at the block's stride, its channels first and
+    zeros after, up to out_channels."""
+    sub = x[:, :, ::stride, ::stride]
+    return F.pad(sub, (0, 0, 0, 0, 0, out_channels - x.shape[1]))
+
+
 def bn_update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                             num_batches_tracked: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                             momentum: float | None, count: int | torch.Tensor) -> None:

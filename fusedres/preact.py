@@ -1,0 +1,394 @@
+"""Fused pre-activation blocks ("Identity Mappings in Deep Residual Networks", He et al. 2016;
+timm's `resnetv2_*`): BN -> ReLU -> conv, twice (basic) or three times (bottleneck), plus
+the shortcut: the identity, or a 1x1 projection of the pre-activated input.
+
+    out = conv_k(relu(norm_k(... conv_1(relu(norm_1(x))) ...))) + shortcut
+    shortcut = x, or downsample.conv(downsample.pool?(relu(norm_1(x))))
+
+The attributes and state_dict keys are timm's `PreActBasic` / `PreActBottleneck`'s (norm1,
+conv1, norm2, conv2[, norm3, conv3], downsample.conv), so `convert()` swaps timm's blocks
+for these and `revert()` gives timm's back. A norm is a BatchNorm followed by ReLU: timm's
+`BatchNormAct2d` with a ReLU, or `BatchNormReLU` here; any other (timm's GroupNormAct in the
+BiT models, another activation, an active DropPath) makes the block run timm's forward
+(one warning).
+
+Paths, chosen as the plain blocks' are:
+
+* every norm with batch statistics (training): the "genstats" chain. `bn_stats` of x; each
+  conv is a `conv_bn_stats` that applies the previous norm (its batch statistics) and the
+  ReLU in its prologue while loading its input, and returns its raw output with that
+  output's batch statistics for the next norm; the projection shortcut is such a conv on
+  x with norm1 in its prologue; one add ends the block. No normalised activation is written.
+* otherwise: norm1 + ReLU as one `scale_bias_act` pass (running or batch statistics), then
+  each conv_k with norm_{k+1} folded into its weights and the ReLU in its epilogue (eval;
+  a norm with batch statistics: conv, `bn_stats`, `scale_bias_act`), and the last conv with
+  the shortcut added in its epilogue (a projection: the 1x1 conv fused into it). A BN
+  cannot fold across the ReLU into the following conv, so in eval mode the pre-activation
+  of the block input is written once (the conv kernels' prologue is used in training only).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedres import ops, reference
+from fusedres.backends import check_backend_name, resolve_backend_name
+from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
+from fusedres.folding import FoldCache, uses_batch_stats
+
+
+class BatchNormReLU(nn.BatchNorm2d):
+    """relu(batch_norm(x)): the norm of fusedres's own pre-activation blocks (the state_dict
+    keys of nn.BatchNorm2d and of timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class PreActProjection(nn.Module):
+    """The projection shortcut of a pre-activation block: a 1x1 conv of the pre-activated
+    input (timm's DownsampleConv with preact=True: `conv`, and `norm` the identity)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+        self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+def _inactive(module: nn.Module | None) -> bool:
+    if module is None or type(module) is nn.Identity:
+        return True
+    return getattr(module, "drop_prob", None) == 0
+
+
+def _norm_reasons(name: str, norm: Any) -> list[str]:
+    if type(norm) is BatchNormReLU:
+        return []
+    cls = type(norm)
+    if cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.") and isinstance(norm, nn.BatchNorm2d):
+        if type(getattr(norm, "act", None)) is not nn.ReLU:
+            return [f"{name}'s activation is {type(getattr(norm, 'act', None)).__name__}, not nn.ReLU"]
+        if not _inactive(getattr(norm, "drop", None)):
+            return [f"{name}'s dropout ({type(norm.drop).__name__}) is in effect"]
+        return []
+    return [f"{name} is {cls.__name__}, not a BatchNorm2d followed by ReLU (timm's BatchNormAct2d with nn.ReLU, "
+            f"or fusedres.preact.BatchNormReLU)"]
+
+
+def _conv_reasons(name: str, conv: Any, one_by_one: bool = False) -> list[str]:
+    if type(conv) is not nn.Conv2d:
+        return [f"{name} is {type(conv).__name__}, not nn.Conv2d"]
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return [f"{name} uses padding {conv.padding!r} with padding_mode={conv.padding_mode!r}"]
+    if one_by_one and (conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1
+                       or conv.dilation != (1, 1)):
+        return [f"{name} is not a plain 1x1 convolution"]
+    return []
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    return F.conv2d(x.to(dtype), conv.weight.to(dtype), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+class PreActBlockMixin:
+    """What PreActBasicBlock and PreActBottleneck share: checks, paths, revert support."""
+
+    backend: str
+    _fold_cache: FoldCache
+    _num_convs: int
+
+    # ---- structure ---------------------------------------------------------------------
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = check_backend_name(backend)
+        self._fold_cache = FoldCache()
+        self._warned_fallback = False
+
+    @property
+    def _convs(self) -> list[nn.Conv2d]:
+        return [getattr(self, f"conv{i + 1}") for i in range(self._num_convs)]
+
+    @property
+    def _norms(self) -> list[nn.BatchNorm2d]:
+        return [getattr(self, f"norm{i + 1}") for i in range(self._num_convs)]
+
+    def shared_module_names(self) -> tuple[str, ...]:
+        """The submodules a fused block shares with the block it was made from, in timm's
+        registration order (so parameters() and state_dict() list them in timm's order)."""
+        return ("downsample", *(f"{kind}{i + 1}" for i in range(self._num_convs) for kind in ("norm", "conv")),
+                "drop_path")
+
+    def describe(self) -> str:
+        return (f"fusedres.{type(self).__name__}(in_channels={self.conv1.in_channels}, "
+                f"out_channels={self._convs[-1].out_channels}, stride={max(self._stride_conv.stride)})")
+
+    def _projection(self) -> tuple[nn.Module | None, nn.Conv2d] | None:
+        """(pool or None, 1x1 conv) of the projection shortcut; None for the identity."""
+        if self.downsample is None:
+            return None
+        return getattr(self.downsample, "pool", None), self.downsample.conv
+
+    def unfusable_reasons(self) -> list[str]:
+        """Why this block cannot run fused (then it runs timm's forward)."""
+        reasons: list[str] = []
+        for i, (conv, norm) in enumerate(zip(self._convs, self._norms)):
+            reasons += _conv_reasons(f"conv{i + 1}", conv) + _norm_reasons(f"norm{i + 1}", norm)
+        ds = self.downsample
+        if ds is not None:
+            conv = getattr(ds, "conv", None)
+            pool = getattr(ds, "pool", None)
+            if conv is None or not _inactive(getattr(ds, "norm", None)) or set(dict(ds.named_children())) - {
+                    "conv", "norm", "pool"}:
+                reasons.append(f"downsample ({type(ds).__name__}) is not a 1x1 conv of the pre-activated input "
+                               f"(timm's DownsampleConv/DownsampleAvg with preact=True)")
+            else:
+                reasons += _conv_reasons("downsample.conv", conv, one_by_one=True)
+                if pool is not None and type(pool) not in (nn.AvgPool2d, nn.Identity):
+                    reasons.append(f"downsample.pool is {type(pool).__name__}, not nn.AvgPool2d")
+        if not _inactive(getattr(self, "drop_path", None)):
+            reasons.append(f"drop_path ({type(self.drop_path).__name__}) is in effect")
+        return reasons
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reasons = self.unfusable_reasons()
+        if reasons:
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(f"{self.describe()} runs unfused (timm's pre-activation forward): " + "; ".join(reasons),
+                              RuntimeWarning, stacklevel=2)
+            return self._unfused_forward(x)
+        self._check_input(x)
+        backend = resolve_backend_name(self.backend)
+        dtype = self._compute_dtype(x)
+        if self._runs_as_train_chain(x):
+            return self._train_chain(x, backend, dtype)
+        return self._general_forward(x, backend, dtype)
+
+    def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward, with these modules."""
+        x_preact = self.norm1(x)
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        out = self.conv1(x_preact)
+        for conv, norm in zip(self._convs[1:], self._norms[1:]):
+            out = conv(norm(out))
+        return self.drop_path(out) + shortcut
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        where, c = self.describe(), self.conv1.in_channels
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"{where} expects an input (N, C={c}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"{where} expects a spatial size of at least 1x1, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{where} expects a floating-point input, got {x.dtype}")
+        weight = self.conv1.weight
+        if x.device != weight.device:
+            raise ValueError(f"{where} has its parameters on {weight.device} but got an input on {x.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{where} has {weight.dtype} parameters but got a {x.dtype} input; convert the "
+                            f"model with .to({x.dtype}) or run under torch.autocast")
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+            return torch.get_autocast_dtype(device_type)
+        return x.dtype
+
+    # ---- the general path (eval, frozen norms, anything but plain training) ---------------
+
+    def _general_forward(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
+        where = f"{self.describe()}: "
+        norm1 = self.norm1
+        xc = x.to(dtype)
+        if uses_batch_stats(norm1):
+            scale, shift = batch_norm_scale_bias(xc, norm1, backend, where)
+        else:
+            scale, shift = reference.bn_finalize(norm1.running_mean, norm1.running_var, norm1.weight, norm1.bias,
+                                                 norm1.eps)
+        out = pre = ops.scale_bias_act(xc, scale, shift, None, None, None, True, backend)
+        convs, norms = self._convs, self._norms
+        for i in range(len(convs) - 1):
+            out = self._conv_norm_relu(f"conv{i + 1}", out, convs[i], norms[i + 1], backend, dtype, where)
+        return self._last_conv_and_shortcut(out, x, pre, backend, dtype)
+
+    def _conv_norm_relu(self, name: str, x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d, backend: str,
+                        dtype: torch.dtype, where: str) -> torch.Tensor:
+        """relu(norm(conv(x))): folded (running statistics) or conv + batch statistics."""
+        if uses_batch_stats(norm):
+            y = _conv(x, conv, dtype)
+            scale, shift = batch_norm_scale_bias(y, norm, backend, where)
+            return ops.scale_bias_act(y, scale, shift, None, None, None, True, backend)
+        weight, bias = self._fold_cache.folded(name, conv, norm, dtype)
+        return ops.conv_bias_act(x.to(dtype), weight, bias, None, None, None, *_conv_args(conv), [1, 1], True,
+                                 backend)
+
+    def _last_conv_and_shortcut(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, backend: str,
+                                dtype: torch.dtype) -> torch.Tensor:
+        """conv_k(out) + shortcut in one conv_bias_act: the identity as its residual, a
+        projection as the 1x1 conv fused into its epilogue."""
+        last = self._convs[-1]
+        bias = last.bias
+        residual = shortcut_x = shortcut_weight = None
+        shortcut_stride = [1, 1]
+        projection = self._projection()
+        if projection is None:
+            residual = x
+        else:
+            pool, conv = projection
+            shortcut_x = pool(pre) if pool is not None else pre
+            shortcut_weight = conv.weight.to(dtype)
+            shortcut_stride = list(conv.stride)
+            if conv.bias is not None:
+                bias = conv.bias if bias is None else bias + conv.bias
+        if residual is not None and residual.dtype != dtype:  # autocast: timm's add promotes to the wider dtype
+            return ops.conv_bias_act(out.to(dtype), last.weight.to(dtype), bias, None, None, None,
+                                     *_conv_args(last), [1, 1], False, backend) + residual
+        return ops.conv_bias_act(out.to(dtype), last.weight.to(dtype), bias, residual, shortcut_x, shortcut_weight,
+                                 *_conv_args(last), shortcut_stride, False, backend)
+
+    # ---- the training chain ---------------------------------------------------------------
+
+    def _runs_as_train_chain(self, x: torch.Tensor) -> bool:
+        """Every norm uses batch statistics, no conv has a bias, the projection (if any) has
+        no pool, the batch is not empty."""
+        projection = self._projection()
+        convs = self._convs + ([] if projection is None else [projection[1]])
+        if projection is not None and not _inactive(projection[0]):
+            return False
+        if x.shape[0] == 0:
+            return False
+        return all(uses_batch_stats(n) for n in self._norms) and all(c.bias is None for c in convs)
+
+    def _train_chain(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
+        where = f"{self.describe()}: "
+        xc = x.to(dtype)
+        count = xc.numel() // xc.shape[1]
+        check_count(count, tuple(xc.shape), where, self.norm1)
+        mean, var = ops.bn_stats(xc, backend)
+        scale1, shift1 = scale_bias_from_stats(mean, var, count, self.norm1, backend, where)
+        y, scale, shift = xc, scale1, shift1
+        convs, norms = self._convs, self._norms
+        for conv, norm in zip(convs[:-1], norms[1:]):
+            y, mean, var = ops.conv_bn_stats(y, conv.weight.to(dtype), scale, shift, True, *_conv_args(conv), backend)
+            count = y.numel() // y.shape[1]
+            check_count(count, tuple(y.shape), where, norm)
+            scale, shift = scale_bias_from_stats(mean, var, count, norm, backend, where)
+        last = convs[-1]
+        # The last conv's (and the projection's) statistics are not needed: their epilogue is wasted.
+        out, _, _ = ops.conv_bn_stats(y, last.weight.to(dtype), scale, shift, True, *_conv_args(last), backend)
+        projection = self._projection()
+        if projection is None:
+            return out + x
+        conv = projection[1]
+        shortcut, _, _ = ops.conv_bn_stats(xc, conv.weight.to(dtype), scale1, shift1, True, *_conv_args(conv),
+                                           backend)
+        return out + shortcut
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """timm's channel rounding (timm.layers.make_divisible): the nearest multiple of
+    `divisor`, at least `divisor`, and not below round_limit * v."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < round_limit * v else new_v
+
+
+def _needs_projection(in_chs: int, out_chs: int, stride: int, dilation: int, first_dilation: int) -> bool:
+    return stride != 1 or in_chs != out_chs or first_dilation != dilation
+
+
+class PreActBasicBlock(PreActBlockMixin, nn.Module):
+    """Pre-activation basic block, fused: norm1 -> conv1 (3x3, stride) -> norm2 -> conv2 (3x3),
+    plus the shortcut. Constructor as timm's PreActBasic (plain nn.Conv2d, BatchNormReLU;
+    a projection exactly where the shape changes)."""
+
+    _num_convs = 2
+
+    def __init__(self, in_chs: int, out_chs: int | None = None, bottle_ratio: float = 1.0, stride: int = 1,
+                 dilation: int = 1, first_dilation: int | None = None, groups: int = 1, *,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        first_dilation = first_dilation or dilation
+        out_chs = out_chs or in_chs
+        mid_chs = make_divisible(out_chs * bottle_ratio)
+        self.downsample = (PreActProjection(in_chs, out_chs, stride)
+                           if _needs_projection(in_chs, out_chs, stride, dilation, first_dilation) else None)
+        self.norm1 = BatchNormReLU(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 3, stride, first_dilation, first_dilation, groups, bias=False)
+        self.norm2 = BatchNormReLU(mid_chs)
+        self.conv2 = nn.Conv2d(mid_chs, out_chs, 3, 1, dilation, dilation, groups, bias=False)
+        self.drop_path = nn.Identity()
+        self._init_fused(backend)
+
+    @property
+    def _stride_conv(self) -> nn.Conv2d:
+        return self.conv1
+
+
+class PreActBottleneck(PreActBlockMixin, nn.Module):
+    """Pre-activation bottleneck, fused: norm1 -> conv1 (1x1) -> norm2 -> conv2 (3x3, stride)
+    -> norm3 -> conv3 (1x1), plus the shortcut. Constructor as timm's PreActBottleneck
+    (bottle_ratio 0.25; plain nn.Conv2d, BatchNormReLU; a projection where the shape changes)."""
+
+    _num_convs = 3
+
+    def __init__(self, in_chs: int, out_chs: int | None = None, bottle_ratio: float = 0.25, stride: int = 1,
+                 dilation: int = 1, first_dilation: int | None = None, groups: int = 1, *,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        first_dilation = first_dilation or dilation
+        out_chs = out_chs or in_chs
+        mid_chs = make_divisible(out_chs * bottle_ratio)
+        self.downsample = (PreActProjection(in_chs, out_chs, stride)
+                           if _needs_projection(in_chs, out_chs, stride, dilation, first_dilation) else None)
+        self.norm1 = BatchNormReLU(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
+        self.norm2 = BatchNormReLU(mid_chs)
+        self.conv2 = nn.Conv2d(mid_chs, mid_chs, 3, stride, first_dilation, first_dilation, groups, bias=False)
+        self.norm3 = BatchNormReLU(mid_chs)
+        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
+        self.drop_path = nn.Identity()
+        self._init_fused(backend)
+
+    @property
+    def _stride_conv(self) -> nn.Conv2d:
+        return self.conv2
+
+
+_TIMM_PREACT = {"PreActBasic": PreActBasicBlock, "PreActBottleneck": PreActBottleneck}
+
+
+def is_timm_preact_block(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ == "timm.models.resnetv2" and cls.__name__ in _TIMM_PREACT
+
+
+def from_timm(block: nn.Module, backend: str) -> PreActBlockMixin:
+    """A fused block sharing `block`'s modules (parameters, buffers, train/eval flags)."""
+    cls = _TIMM_PREACT[type(block).__name__]
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    for name in fused.shared_module_names():
+        setattr(fused, name, getattr(block, name))
+    fused.training = block.training  # not .train(): that would reset each norm's own mode
+    fused._init_fused(backend)
+    return fused
