@@ -19,12 +19,15 @@ Paths, chosen as the plain blocks' are:
   ReLU in its prologue while loading its input, and returns its raw output with that
   output's batch statistics for the next norm; the projection shortcut is such a conv on
   x with norm1 in its prologue; one add ends the block. No normalised activation is written.
-* otherwise: norm1 + ReLU as one `scale_bias_act` pass (running or batch statistics), then
-  each conv_k with norm_{k+1} folded into its weights and the ReLU in its epilogue (eval;
-  a norm with batch statistics: conv, `bn_stats`, `scale_bias_act`), and the last conv with
-  the shortcut added in its epilogue (a projection: the 1x1 conv fused into it). A BN
-  cannot fold across the ReLU into the following conv, so in eval mode the pre-activation
-  of the block input is written once (the conv kernels' prologue is used in training only).
+* otherwise (eval): each conv_k with norm_{k+1} folded into its weights and the ReLU in its
+  epilogue (`conv_bias_act`), the last conv with the shortcut added in its epilogue. norm1
+  cannot fold across its ReLU into conv1, so conv1 applies it in its prologue
+  (`conv_bias_act`'s in_scale/in_shift: the triton kernel does so while loading x; the
+  torch and cuda backends write the pre-activation first). Where the pre-activation is
+  needed anyway (a projection shortcut reads it; or norm2 uses batch statistics), it is
+  written once by a `scale_bias_act` pass and the projection's 1x1 conv is fused into the
+  last conv's epilogue. A norm with batch statistics outside plain training: conv,
+  `bn_stats`, `scale_bias_act`.
 """
 
 from __future__ import annotations
@@ -222,24 +225,34 @@ class PreActBlockMixin:
         else:
             scale, shift = reference.bn_finalize(norm1.running_mean, norm1.running_var, norm1.weight, norm1.bias,
                                                  norm1.eps)
-        out = pre = ops.scale_bias_act(xc, scale, shift, None, None, None, True, backend)
         convs, norms = self._convs, self._norms
-        for i in range(len(convs) - 1):
+        # conv1 applies norm1 + ReLU in its prologue, unless the pre-activation is needed
+        # written: by the projection shortcut, or by conv1 running unfolded (norm2 with batch
+        # statistics).
+        pre = None
+        if self._projection() is not None or uses_batch_stats(norms[1]):
+            pre = ops.scale_bias_act(xc, scale, shift, None, None, None, True, backend)
+        out = self._conv_norm_relu("conv1", xc if pre is None else pre, convs[0], norms[1], backend, dtype, where,
+                                   prologue=None if pre is not None else (scale, shift))
+        for i in range(1, len(convs) - 1):
             out = self._conv_norm_relu(f"conv{i + 1}", out, convs[i], norms[i + 1], backend, dtype, where)
         return self._last_conv_and_shortcut(out, x, pre, backend, dtype)
 
     def _conv_norm_relu(self, name: str, x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d, backend: str,
-                        dtype: torch.dtype, where: str) -> torch.Tensor:
-        """relu(norm(conv(x))): folded (running statistics) or conv + batch statistics."""
+                        dtype: torch.dtype, where: str,
+                        prologue: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """relu(norm(conv(P(x)))): folded (running statistics) or conv + batch statistics;
+        P(x) = relu(x*scale + shift) for a `prologue` (scale, shift) (folded only), else x."""
         if uses_batch_stats(norm):
             y = _conv(x, conv, dtype)
             scale, shift = batch_norm_scale_bias(y, norm, backend, where)
             return ops.scale_bias_act(y, scale, shift, None, None, None, True, backend)
         weight, bias = self._fold_cache.folded(name, conv, norm, dtype)
+        in_scale, in_shift = prologue if prologue is not None else (None, None)
         return ops.conv_bias_act(x.to(dtype), weight, bias, None, None, None, *_conv_args(conv), [1, 1], True,
-                                 backend)
+                                 backend, in_scale, in_shift)
 
-    def _last_conv_and_shortcut(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, backend: str,
+    def _last_conv_and_shortcut(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor | None, backend: str,
                                 dtype: torch.dtype) -> torch.Tensor:
         """conv_k(out) + shortcut in one conv_bias_act: the identity as its residual, a
         projection as the 1x1 conv fused into its epilogue."""

@@ -66,14 +66,20 @@ def conv_bias_act(
     groups: int,
     shortcut_stride: list[int],
     relu: bool,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)).
+    """act(conv(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)),
+    P(x) = prologue(x, in_scale, in_shift, relu=True) when they are given (a pre-activation
+    block's BN + ReLU of the conv input), else x.
 
     This is one eval-mode convolution with its BatchNorm folded into `weight` and `bias`.
     `residual` is an identity shortcut; `shortcut_x`/`shortcut_weight` is a projection
     shortcut (1x1 conv, stride `shortcut_stride`, no padding) whose folded BN shift is
     already part of `bias`. At most one of the two shortcut forms is given.
     """
+    if in_scale is not None:
+        x = prologue(x, in_scale, in_shift, True)
     acc = accumulation_dtype(x.dtype)
     out = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc)
     if bias is not None:

@@ -44,7 +44,7 @@ CONV_CASES = [
 def test_conv_bias_act_opcheck(case):
     relu = "shortcut" not in case  # both values covered, without doubling the slow opcheck
     args = _conv_args(requires_grad=True, **case)
-    torch.library.opcheck(torch.ops.fusedres.conv_bias_act.default, (*args, relu, "torch"))
+    torch.library.opcheck(torch.ops.fusedres.conv_bias_act.default, (*args, relu, None, None, "torch"))
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -107,6 +107,64 @@ def test_conv_bias_act_when_onednn_refuses_a_shape(case, monkeypatch):
     error = (out.double() - expected).abs().max().item()
     assert error <= 4 * (8 * 9 + 4) * torch.finfo(torch.float32).eps * expected.abs().max().item()
     assert torch.equal(out, again)
+
+
+PROLOGUE_CASES = [pytest.param({}, id="plain"), pytest.param({"residual": True}, id="residual"),
+                  pytest.param({"shortcut": True}, id="projection")]
+
+
+def _prologue(dtype=torch.float64, requires_grad=False):
+    scale = (torch.rand(8, dtype=reference.accumulation_dtype(dtype)) + 0.5).requires_grad_(requires_grad)
+    shift = torch.randn(8, dtype=reference.accumulation_dtype(dtype)).requires_grad_(requires_grad)
+    return scale, shift
+
+
+def test_conv_bias_act_prologue_opcheck_and_gradcheck():
+    """conv(relu(x*in_scale + in_shift)) + residual: the pre-activation blocks' first conv.
+    (One case: opcheck and gradcheck cost a minute each here; the other cases are checked
+    against the composition below, gradients included.)"""
+    args = _conv_args(requires_grad=True, residual=True)
+    scale, shift = _prologue(requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedres.conv_bias_act.default, (*args, True, scale, shift, "torch"))
+    tensors, rest = args[:6], args[6:]
+
+    def fn(*ts):
+        return fusedres.ops.conv_bias_act(*ts[:6], *rest, True, "torch", ts[6], ts[7])
+
+    assert torch.autograd.gradcheck(fn, (*tensors, scale, shift), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"] + ([] if ext.load_error() else ["cuda"]))
+@pytest.mark.parametrize("case", PROLOGUE_CASES)
+def test_conv_bias_act_prologue_matches_the_composition(backend, case):
+    """Every backend against relu(x*s+b) then conv_bias_act, in float64 (triton: float32 in
+    the interpreter, 4 * (K = 8*9 + 4) * eps32 of the output's max); input grads too."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    args64 = _conv_args(requires_grad=True, **case)
+    scale64, shift64 = _prologue(requires_grad=True)
+    expected = reference.conv_bias_act(*args64, True, scale64, shift64)
+    composed = reference.conv_bias_act(reference.prologue(args64[0], scale64, shift64, True), *args64[1:], True)
+    assert torch.equal(expected, composed)
+    args = [a.detach().to(dtype).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args64]
+    scale, shift = (t.detach().to(reference.accumulation_dtype(dtype)).requires_grad_() for t in (scale64, shift64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fusedres.ops.conv_bias_act(*args, True, backend, scale, shift)
+    tol = 1e-12 if dtype == torch.float64 else 4 * (8 * 9 + 4) * torch.finfo(torch.float32).eps
+    error = (out.double() - expected).abs().max().item()
+    assert error <= tol * expected.abs().max().item(), error
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.to(dtype))
+    expected.backward(g)
+    for name, ours, theirs in (("x", args[0], args64[0]), ("in_scale", scale, scale64), ("in_shift", shift, shift64)):
+        err = (ours.grad.double() - theirs.grad).abs().max().item()
+        assert err <= 4 * tol * theirs.grad.abs().max().item(), (name, err)
+
+
+def test_conv_bias_act_prologue_needs_scale_and_shift():
+    args = _conv_args()
+    with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
+        fusedres.ops.conv_bias_act(*args, True, "torch", _prologue()[0], None)
 
 
 def test_resnet18_on_a_1x1_final_map_runs_on_the_torch_backend():

@@ -61,7 +61,8 @@ class OpInputs:
 
 @_op_inputs
 class ConvInputs(OpInputs):
-    """fusedres::conv_bias_act: act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight))."""
+    """fusedres::conv_bias_act: act(conv(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)),
+    P(x) = relu(x*in_scale + in_shift) per channel (a pre-activation BN + ReLU) when given, else x."""
 
     op: ClassVar[str] = "conv_bias_act"
     main: ClassVar[str] = "x"
@@ -79,6 +80,8 @@ class ConvInputs(OpInputs):
     groups: int
     shortcut_stride: list[int]
     relu: bool
+    in_scale: Tensor | None = None
+    in_shift: Tensor | None = None
 
 
 @_op_inputs

@@ -21,6 +21,7 @@ Everything else runs `fusedres.reference` as written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 
@@ -196,6 +197,9 @@ class TorchBackend(Backend):
 
     def conv_bias_act(self, inputs: ConvInputs) -> torch.Tensor:
         i = inputs
+        if i.in_scale is not None:  # the pre-activation, written once, then the library's fused conv
+            i = dataclasses.replace(i, x=self.prologue(i.x, i.in_scale, i.in_shift, True), in_scale=None,
+                                    in_shift=None)
         if i.x.device.type == "cuda":
             out = self._cudnn_conv_bias_act(i)
             if out is not None:

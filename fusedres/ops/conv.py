@@ -1,4 +1,5 @@
-"""fusedres::conv_bias_act: an eval-mode convolution with BN folded in, residual and ReLU.
+"""fusedres::conv_bias_act: an eval-mode convolution with BN folded in, residual and ReLU
+(and, for pre-activation blocks, the BN + ReLU of its input as a prologue).
 
 Semantics: `fusedres.reference.conv_bias_act`. `conv_bias_act` below chooses the backend
 (once per call; `auto` may tune) and runs the registered op with that backend's name. The
@@ -15,27 +16,32 @@ from fusedres.backends import chosen_backend, select_backend
 from fusedres.backends.inputs import ConvInputs
 
 _SCHEMA = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? shortcut_x, Tensor? shortcut_weight, "
-           "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu, str backend) "
-           "-> Tensor")
+           "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu, "
+           "Tensor? in_scale, Tensor? in_shift, str backend) -> Tensor")
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                   shortcut_x: torch.Tensor | None, shortcut_weight: torch.Tensor | None, stride: list[int],
                   padding: list[int], dilation: list[int], groups: int, shortcut_stride: list[int], relu: bool,
-                  backend: str) -> torch.Tensor:
-    """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) on `backend`
-    ("auto", "triton", "cuda" or "torch"; see `fusedres.backends`)."""
+                  backend: str, in_scale: torch.Tensor | None = None,
+                  in_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """act(conv(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)) on `backend`
+    ("auto", "triton", "cuda" or "torch"; see `fusedres.backends`); P(x) = relu(x*in_scale +
+    in_shift) per input channel when they are given (the triton kernel applies it while
+    loading x; the other backends write it first), else x."""
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("conv_bias_act: in_scale and in_shift must be given together")
     inputs = ConvInputs(x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride), list(padding),
-                        list(dilation), groups, list(shortcut_stride), relu)
+                        list(dilation), groups, list(shortcut_stride), relu, in_scale, in_shift)
     impl = select_backend(backend, inputs, tune=True)
     return _op(*inputs.args(), impl.name)
 
 
 @torch.library.custom_op("fusedres::conv_bias_act", mutates_args=(), schema=_SCHEMA)
 def _op(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-        shortcut_stride, relu, backend):
+        shortcut_stride, relu, in_scale, in_shift, backend):
     inputs = ConvInputs(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-                        shortcut_stride, relu)
+                        shortcut_stride, relu, in_scale, in_shift)
     return chosen_backend(backend, "conv_bias_act").conv_bias_act(inputs)
 
 
@@ -51,27 +57,37 @@ def conv_output_like(x: torch.Tensor, weight: torch.Tensor, stride: list[int], p
 
 @_op.register_fake
 def _(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-      shortcut_stride, relu, backend):
+      shortcut_stride, relu, in_scale, in_shift, backend):
     return conv_output_like(x, weight, stride, padding, dilation)
 
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-     shortcut_stride, relu, _backend) = inputs
-    ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, output if relu else None)
+     shortcut_stride, relu, in_scale, in_shift, _backend) = inputs
+    ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, output if relu else None, in_scale, in_shift)
     ctx.conv_args = (stride, padding, dilation, groups, shortcut_stride, relu)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
 def _backward(ctx, grad):
-    x, weight, shortcut_x, shortcut_weight, out = ctx.saved_tensors
+    x, weight, shortcut_x, shortcut_weight, out, in_scale, in_shift = ctx.saved_tensors
     stride, padding, dilation, groups, shortcut_stride, relu = ctx.conv_args
     needs = ctx.needs_input_grad
     g = grad.masked_fill(out <= 0, 0) if relu else grad
     g = g.to(x.dtype)
+    has_prologue = in_scale is not None
+    # The prologue is recomputed (one elementwise pass), not saved.
+    a = reference.prologue(x, in_scale, in_shift, True) if has_prologue else x
+    want_a = needs[0] or (has_prologue and (needs[12] or needs[13]))
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        g, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs[0], needs[1], False])
+        g, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [want_a, needs[1], False])
+    grad_scale = grad_shift = None
+    if has_prologue and grad_x is not None:
+        grad_x, grad_scale, grad_shift = reference.prologue_backward(grad_x, x, in_scale, in_shift, True,
+                                                                     (needs[0], needs[12], needs[13]))
+        grad_scale = None if grad_scale is None else grad_scale.to(in_scale.dtype)
+        grad_shift = None if grad_shift is None else grad_shift.to(in_shift.dtype)
     grad_bias = grad_residual = grad_sx = grad_sw = None
     if needs[2]:
         grad_bias = g.to(reference.accumulation_dtype(g.dtype)).sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
@@ -81,7 +97,8 @@ def _backward(ctx, grad):
         grad_sx, grad_sw, _ = torch.ops.aten.convolution_backward(
             g, shortcut_x, shortcut_weight, None, shortcut_stride, [0, 0], [1, 1], False, [0, 0], 1,
             [needs[4], needs[5], False])
-    return grad_x, grad_w, grad_bias, grad_residual, grad_sx, grad_sw, None, None, None, None, None, None, None
+    return (grad_x, grad_w, grad_bias, grad_residual, grad_sx, grad_sw, None, None, None, None, None, None,
+            grad_scale, grad_shift, None)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)

@@ -449,7 +449,8 @@ def conv_bn_stats(
 NAME = "fusedres::triton_conv_bias_act"
 SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? shortcut_x, Tensor? shortcut_weight, "
-    "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu) -> Tensor"
+    "int[] stride, int[] padding, int[] dilation, int groups, int[] shortcut_stride, bool relu, "
+    "Tensor? in_scale, Tensor? in_shift) -> Tensor"
 )
 TRACEABLE = (not common.INTERPRET and hasattr(torch.library, "triton_op")
              and hasattr(torch.library, "wrap_triton"))
@@ -458,16 +459,19 @@ TRACEABLE = (not common.INTERPRET and hasattr(torch.library, "triton_op")
 def _op_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
                residual: Optional[torch.Tensor], shortcut_x: Optional[torch.Tensor],  # noqa: UP045
                shortcut_weight: Optional[torch.Tensor], stride: list[int], padding: list[int],  # noqa: UP045
-               dilation: list[int], groups: int, shortcut_stride: list[int], relu: bool) -> torch.Tensor:
-    """act(conv(x, weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)): a new
-    channels_last tensor in x's dtype (see `fusedres.triton.conv.conv_bias_act`)."""
+               dilation: list[int], groups: int, shortcut_stride: list[int], relu: bool,
+               in_scale: Optional[torch.Tensor], in_shift: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    """act(conv(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)), P(x) =
+    relu(x*in_scale + in_shift) when given: a new channels_last tensor in x's dtype (see
+    `fusedres.triton.conv.conv_bias_act`)."""
     wrap = torch.library.wrap_triton if TRACEABLE else None
     return conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation,
-                         groups, shortcut_stride, relu, wrap_kernel=wrap)
+                         groups, shortcut_stride, relu, in_scale=in_scale, in_shift=in_shift,
+                         prologue_relu=in_scale is not None, wrap_kernel=wrap)
 
 
 def _op_fake(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-             shortcut_stride, relu):
+             shortcut_stride, relu, in_scale, in_shift):
     n, _, h, w = x.shape
     oc, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = (common.pair(v, name) for v, name in
