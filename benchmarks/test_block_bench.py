@@ -1,10 +1,11 @@
-"""Per-block benchmarks: every distinct block shape of ResNet-18 and ResNet-50.
+"""Per-block benchmarks: every distinct block shape of ResNet-18 and ResNet-50, timm's
+pre-activation ResNetV2-50, and the CIFAR ResNet-56 (option-A shortcuts) and plain-56 (at 32x32).
 
     python -m pytest benchmarks/ --benchmark-json=blocks.json           # GPU: full grid
     python -m pytest benchmarks/                                        # CPU: a small subset
 
 GPU cases (batch $FUSEDRES_BENCH_BATCH, default 256; dtype $FUSEDRES_BENCH_DTYPE, default
-bf16) skip on a CPU; the CPU subset runs four blocks at batch 2 in fp32. Every case is
+bf16) skip on a CPU; the CPU subset runs eight blocks at batch 2 in fp32. Every case is
 checked against fp32 before it is timed; the L2 cache is flushed before every GPU round.
 Candidates that cannot run an input (a backend not built, training on a backend without
 training kernels) skip with the reason.
@@ -23,11 +24,14 @@ GPU_BATCH = int(os.environ.get("FUSEDRES_BENCH_BATCH", "256"))
 GPU_DTYPE = DTYPES[os.environ.get("FUSEDRES_BENCH_DTYPE", "bf16")]
 CANDIDATES = ("eager", "fusedres_auto", "fusedres_torch", "fusedres_triton", "fusedres_cuda")
 MODES = ("inference", "training")
-CPU_SUBSET = {"resnet18.layer1.0", "resnet18.layer2.0", "resnet50.layer1.0", "resnet50.layer4.1"}
+CPU_SUBSET = {"resnet18.layer1.0", "resnet18.layer2.0", "resnet50.layer1.0", "resnet50.layer4.1",
+              "resnetv2_50.stages.0.blocks.0", "resnetv2_50.stages.1.blocks.1", "cifar_resnet56.layer2.0",
+              "cifar_plain56.layer2.1"}
 # torch.compile max-autotune takes ~a minute per block: only where a target names it.
 MAX_AUTOTUNE_BLOCKS = {"resnet50.layer1.0", "resnet50.layer1.1"}
 
-SHAPES = blocks.distinct_blocks("resnet18") + blocks.distinct_blocks("resnet50")
+SHAPES = [shape for model in ("resnet18", "resnet50", "resnetv2_50", "cifar_resnet56", "cifar_plain56")
+          for shape in blocks.distinct_blocks(model)]
 
 
 def _params():

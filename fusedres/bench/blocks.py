@@ -4,6 +4,11 @@ Used by the pytest-benchmark suite in benchmarks/. A case is one block shape (it
 occurrence in the model), one mode ("inference": eval forward; "training": train-mode
 forward + backward) and one candidate ("eager", "compile_max_autotune" or
 "fusedres_<backend>"), in channels_last at the chosen dtype.
+
+Models: torchvision's ResNets (`fusedres.bench.workload.MODELS`), timm's pre-activation
+`resnetv2_*` (`timm.create_model`) and fusedres's CIFAR networks (`cifar_*`, 32x32). "eager"
+is the model's own block: torchvision's or timm's, or for the CIFAR networks, whose blocks
+are fusedres's, the same block running its plain-module forward.
 """
 
 from __future__ import annotations
@@ -15,14 +20,24 @@ import torch
 from torch import nn
 
 import fusedres
+from fusedres import preact
 from fusedres.bench import measure
-from fusedres.bench.workload import build_model
+from fusedres.bench.workload import MODELS, build_model, randomize_bn
+from fusedres.blocks import FusedBlockMixin
+
+# Class names of the blocks a case can be (their fused subclasses included).
+_BLOCK_CLASSES = {"BasicBlock", "Bottleneck", "PlainBlock", "PreActBasic", "PreActBottleneck",
+                  "PreActBasicBlock"}
+
+
+def _is_block(module: nn.Module) -> bool:
+    return type(module).__name__ in _BLOCK_CLASSES
 
 
 @dataclass(frozen=True)
 class BlockShape:
     model: str
-    name: str  # "layer1.0"
+    name: str  # "layer1.0", "stages.0.blocks.0"
     in_shape: tuple[int, int, int]  # C, H, W of one image
     downsample: bool
 
@@ -32,26 +47,70 @@ class BlockShape:
         return f"{self.model}.{self.name}-{c}x{h}x{w}{'-ds' if self.downsample else ''}"
 
 
-def distinct_blocks(model_name: str, image_size: int = 224) -> list[BlockShape]:
-    """Blocks with a new (input shape, downsample, stride) signature, in model order."""
-    model = build_model(model_name).eval()
+def build_any(model_name: str, seed: int = 0) -> nn.Module:
+    """A torchvision ResNet, a timm resnetv2_* or a fusedres CIFAR network, float32, random
+    weights with trained-like BatchNorm state."""
+    if model_name in MODELS:
+        return build_model(model_name, seed)
+    torch.manual_seed(seed)
+    if model_name.startswith("cifar_"):
+        model = getattr(fusedres.models, model_name)()
+    elif model_name.startswith("resnetv2_"):
+        import timm
+
+        model = timm.create_model(model_name, pretrained=False, num_classes=10)
+    else:
+        raise ValueError(f"unknown model {model_name!r}: a torchvision ResNet ({', '.join(MODELS)}), "
+                         f"timm's resnetv2_*, or fusedres.models.cifar_*")
+    randomize_bn(model, seed)
+    return model
+
+
+def default_image_size(model_name: str) -> int:
+    return 32 if model_name.startswith("cifar_") else 224
+
+
+def distinct_blocks(model_name: str, image_size: int | None = None) -> list[BlockShape]:
+    """Blocks with a new (input shape, downsample, output shape) signature, in model order."""
+    model = build_any(model_name).eval()
+    size = default_image_size(model_name) if image_size is None else image_size
+    names = {id(m): n for n, m in model.named_modules()}
     shapes, seen = [], set()
-    with torch.no_grad():
-        y = model.maxpool(model.relu(model.bn1(model.conv1(torch.zeros(1, 3, image_size, image_size)))))
-        for layer_name in ("layer1", "layer2", "layer3", "layer4"):
-            for i, block in enumerate(getattr(model, layer_name)):
-                key = (tuple(y.shape[1:]), block.downsample is not None, block.stride)
-                if key not in seen:
-                    seen.add(key)
-                    shapes.append(BlockShape(model_name, f"{layer_name}.{i}", tuple(y.shape[1:]),
-                                             block.downsample is not None))
-                y = block(y)
+
+    def record(block: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        key = (tuple(inputs[0].shape[1:]), block.downsample is not None, tuple(output.shape[1:]))
+        if key not in seen:
+            seen.add(key)
+            shapes.append(BlockShape(model_name, names[id(block)], key[0], key[1]))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if _is_block(m)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
     return shapes
 
 
 def get_block(shape: BlockShape) -> nn.Module:
-    layer, index = shape.name.split(".")
-    return getattr(build_model(shape.model), layer)[int(index)]
+    return build_any(shape.model).get_submodule(shape.name)
+
+
+class _UnfusedForward(nn.Module):
+    """A fusedres-native block (the CIFAR networks') running its plain-module forward: the
+    eager baseline for blocks no other library defines."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block._unfused_forward(x)
+
+
+def _native(block: nn.Module) -> bool:
+    return isinstance(block, (FusedBlockMixin, preact.PreActBlockMixin))
 
 
 class BlockCase:
@@ -76,12 +135,20 @@ class BlockCase:
     def _make(self, candidate: str) -> nn.Module:
         block = copy.deepcopy(self.block32).to(self.dtype, memory_format=torch.channels_last)
         if candidate == "eager":
-            return block
+            return _UnfusedForward(block) if _native(block) else block
         if candidate == "compile_max_autotune":
-            return torch.compile(block, mode="max-autotune")
+            return torch.compile(_UnfusedForward(block) if _native(block) else block, mode="max-autotune")
         if candidate.startswith("fusedres_"):
-            return fusedres.convert(block, backend=candidate.removeprefix("fusedres_"))
+            backend = candidate.removeprefix("fusedres_")
+            if _native(block):
+                block.backend = fusedres.backends.check_backend_name(backend)
+                return block
+            return fusedres.convert(block, backend=backend)
         raise ValueError(f"unknown block candidate {candidate!r}")
+
+    def _make_fp32_reference(self) -> nn.Module:
+        block = copy.deepcopy(self.block32)
+        return _UnfusedForward(block) if _native(block) else block
 
     def _run(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> list[torch.Tensor]:
         if self.mode == "inference":
@@ -106,7 +173,7 @@ class BlockCase:
 
         Raises AssertionError when this candidate is off by more than 2x what eager PyTorch
         shows in the same dtype (the benchmark must not time a wrong kernel)."""
-        ref = self._run(copy.deepcopy(self.block32), self.x32, self.grad.float())
+        ref = self._run(self._make_fp32_reference(), self.x32, self.grad.float())
         eager = self._run(self._make("eager"), self.x, self.grad)
         mine = self._run(self.block, self.x, self.grad)
         names = ["output", "input_grad"]
