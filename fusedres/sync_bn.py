@@ -70,7 +70,10 @@ class _GlobalStats(torch.autograd.Function):
         ctx.group, ctx.dtype = group, mean.dtype
         ctx.save_for_backward(local[1], g_mean, n / total)
         ctx.mark_non_differentiable(total)
-        return g_mean.to(mean.dtype), (g_m2 / total).to(var.dtype), total[0]
+        # copy=True: under torch.compile, torch 2.11 dropped the gradients of outputs that are
+        # the forward's own intermediates (a float64 .to(float64) returns its input): measured,
+        # zero gradients for mean and var; torch 2.14 was right either way.
+        return g_mean.to(mean.dtype, copy=True), (g_m2 / total).to(var.dtype, copy=True), total[0]
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var, _grad_total):
