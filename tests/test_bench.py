@@ -259,3 +259,33 @@ def test_kernel_benchmark_record(tmp_path):
     assert all(r["shape"] == [1, 64, 56, 56] and r["ext_ms"] > 0 and r["torch_ms"] > 0 for r in record["rows"])
     assert json.loads(out.read_text())["rows"][0]["bytes"] == 64 * 56 * 56 * 4
     summary.main([str(out)])
+
+
+@pytest.mark.parametrize("model,mode", [("cifar_resnet20", "inference"), ("cifar_plain20", "training")])
+def test_cli_runs_the_cifar_networks(tmp_path, model, mode):
+    """fusedres's CIFAR networks: eager rows run their blocks' plain-module forward, fusedres
+    rows the fused blocks; 32x32 and 10 classes by default; no cuDNN-fused row (torchvision only)."""
+    record = cli.run(["--model", model, "--batch", "4", "--repeats", "2", "--no-progress", "--mode", mode,
+                      "--candidates", "fusedres_torch", "cudnn_fused", "--out-dir", str(tmp_path), "--no-chart"])
+    run = record["runs"][0]
+    rows = _rows(run)
+    assert run["workload"]["image_size"] == 32
+    for key in ("eager_cl", "fusedres_torch"):
+        assert rows[key]["status"] == "ok", rows[key]
+    assert rows["cudnn_fused"]["status"] == "unavailable" and "torchvision" in rows["cudnn_fused"]["reason"]
+    assert run["flops_per_image"] == pytest.approx(2 * 40.8e6, rel=0.05)  # ResNet-20: 40.8M MACs at 32x32
+
+
+def test_eager_and_fused_cifar_models_differ_only_in_the_forward():
+    from fusedres.bench.workload import activate_fused_blocks
+
+    eager = build_model("cifar_preact_resnet110")
+    blocks = [m for m in eager.modules() if isinstance(m, fusedres.PreActBasicBlock)]
+    assert len(blocks) == 54 and all("forward" in b.__dict__ for b in blocks)
+    stages = block_stages(eager, 32)
+    assert [s.name for s in stages][:2] == ["stem", "layer1.0"] and len(stages) == 54 + 2
+    fused = activate_fused_blocks(build_model("cifar_preact_resnet110"), "torch")
+    assert not any("forward" in b.__dict__ for b in fused.modules() if isinstance(b, fusedres.PreActBasicBlock))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-4)

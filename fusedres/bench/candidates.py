@@ -25,7 +25,7 @@ from torch import nn
 
 import fusedres
 from fusedres.bench.cudnn_fused import CudnnFusedResNet
-from fusedres.bench.workload import Workload
+from fusedres.bench.workload import MODELS, Workload, activate_fused_blocks
 
 BASELINES: tuple[str, ...] = ("eager_nchw_fp32", "eager_cl", "compile", "compile_freezing",
                               "compile_max_autotune", "cudnn_fused")
@@ -159,7 +159,11 @@ def build_candidates(model: nn.Module, work: Workload, x: torch.Tensor, labels: 
         return Runner(m, m, x_cl, labels, work.mode, None)
 
     def fusedres_runner(backend: str) -> Callable[[], Runner]:
-        return cl_runner(lambda m: fusedres.convert(m, backend=backend, inplace=True))
+        # convert() fuses torchvision's blocks; a fusedres CIFAR network's own blocks run fused again.
+        return cl_runner(lambda m: activate_fused_blocks(fusedres.convert(m, backend=backend, inplace=True),
+                                                         backend))
+
+    torchvision_model = work.model in MODELS
 
     candidates = [
         Candidate("eager_nchw_fp32", "eager NCHW fp32" + (" (TF32)" if on_cuda else ""), "baseline", eager_nchw),
@@ -177,6 +181,7 @@ def build_candidates(model: nn.Module, work: Workload, x: torch.Tensor, labels: 
                   None if on_cuda else "GPU only (autotuning targets CUDA kernels; on the CPU, see compile "
                                        "default+freezing)"),
         Candidate("cudnn_fused", f"cuDNN conv+bias+add+relu (BN folded), CL {dt}", "baseline", cudnn_fused,
+                  "torchvision's ResNets only" if not torchvision_model else
                   None if on_cuda and not train else
                   "inference on CUDA only (BN folds only with running statistics)"),
     ]

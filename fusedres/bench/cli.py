@@ -4,6 +4,7 @@
                                         # CPU: resnet50, batch 8, fp32, inference
     fusedres-bench --model resnet18 --batch 64 128 --dtype fp16 --mode training
     fusedres-bench --candidates eager_cl compile fusedres_triton --repeats 10
+    fusedres-bench --model cifar_resnet56 --batch 128   # fusedres's CIFAR networks: 32x32, 10 classes
 
 Baselines: eager NCHW fp32, eager channels_last, torch.compile default; for inference with
 inductor freezing (weights folded in as constants) "compile default+freezing" on the CPU and
@@ -38,19 +39,30 @@ from fusedres.backends import UnsupportedInputError
 from fusedres.bench import measure, report, roofline
 from fusedres.bench.candidates import ALL_CANDIDATES, YARDSTICK, Candidate, Runner, build_candidates
 from fusedres.bench.progress import Progress
-from fusedres.bench.workload import DTYPES, MODELS, MODES, Stage, Workload, block_stages, build_model, make_batch
+from fusedres.bench.workload import (
+    ALL_MODELS,
+    DTYPES,
+    MODES,
+    Stage,
+    Workload,
+    block_stages,
+    build_model,
+    default_image_size,
+    make_batch,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fusedres-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default="resnet50", choices=MODELS)
+    p.add_argument("--model", default="resnet50", choices=ALL_MODELS,
+                   help="a torchvision ResNet, or fusedres's CIFAR networks (cifar_*: 10 classes, 32x32 by default)")
     p.add_argument("--batch", type=int, nargs="+", help="batch size(s) (default: 256 on a GPU, 8 on a CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--mode", nargs="+", choices=MODES,
                    help="inference and/or training (forward + backward + SGD step) "
                         "(default: both on a GPU, inference on a CPU)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, help="default: 224, and 32 for the cifar_* models")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--candidates", nargs="+", choices=ALL_CANDIDATES, default=list(ALL_CANDIDATES),
                    help=f"rows to run (default: all; {YARDSTICK} always runs: it sets the parity tolerance; "
@@ -84,6 +96,7 @@ def _defaults(args: argparse.Namespace) -> None:
     args.mode = args.mode or (["inference", "training"] if gpu else ["inference"])
     args.warmup = 3 if args.warmup is None and gpu else (1 if args.warmup is None else args.warmup)
     args.iters = args.iters or (10 if gpu else 1)
+    args.image_size = args.image_size or default_image_size(args.model)
 
 
 _FUSEDRES_CHECKED: list[str] = []  # fusedres rows already run in this process (they share kernels and tuning)

@@ -12,6 +12,12 @@ MODELS: tuple[str, ...] = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
 )
+# fusedres's own CIFAR networks (fusedres.models.cifar_*): 10 classes, 32x32 by default.
+CIFAR_MODELS: tuple[str, ...] = (
+    *(f"cifar_{kind}{depth}" for kind in ("resnet", "plain") for depth in (20, 32, 44, 56, 110)),
+    "cifar_preact_resnet110", "cifar_preact_resnet164",
+)
+ALL_MODELS: tuple[str, ...] = MODELS + CIFAR_MODELS
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES: tuple[str, ...] = ("inference", "training")
 NUM_CLASSES = 1000
@@ -48,13 +54,53 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
 
 
+def num_classes(name: str) -> int:
+    return 10 if name in CIFAR_MODELS else NUM_CLASSES
+
+
+def default_image_size(name: str) -> int:
+    return 32 if name in CIFAR_MODELS else 224
+
+
 def build_model(name: str, seed: int = 0) -> nn.Module:
-    """The torchvision model in float32 on the CPU, with fixed random weights."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    """The model as eager PyTorch, in float32 on the CPU, with fixed random weights: a
+    torchvision ResNet, or a fusedres CIFAR network whose blocks run their plain-module
+    forward (`eager_blocks`; `activate_fused_blocks` turns them back into fused ones)."""
+    if name not in ALL_MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ALL_MODELS)}")
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(num_classes=NUM_CLASSES)
+    if name in CIFAR_MODELS:
+        import fusedres
+
+        model = eager_blocks(getattr(fusedres.models, name)(num_classes=num_classes(name)))
+    else:
+        model = getattr(torchvision.models, name)(num_classes=NUM_CLASSES)
     randomize_bn(model, seed)
+    return model
+
+
+def _native_blocks(model: nn.Module) -> list[nn.Module]:
+    from fusedres.blocks import FusedBlockMixin
+    from fusedres.preact import PreActBlockMixin
+
+    return [m for m in model.modules() if isinstance(m, (FusedBlockMixin, PreActBlockMixin))]
+
+
+def eager_blocks(model: nn.Module) -> nn.Module:
+    """Make every fusedres block of `model` run its plain-module forward (an instance
+    attribute: module names and state_dict keys stay; deepcopy keeps it)."""
+    for block in _native_blocks(model):
+        block.forward = block._unfused_forward
+    return model
+
+
+def activate_fused_blocks(model: nn.Module, backend: str) -> nn.Module:
+    """Undo `eager_blocks`: every fusedres block runs fused again, on `backend`."""
+    from fusedres.backends import check_backend_name
+
+    for block in _native_blocks(model):
+        block.__dict__.pop("forward", None)
+        block.backend = check_backend_name(backend)
     return model
 
 
@@ -62,7 +108,7 @@ def make_batch(work: Workload, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
     """A fixed synthetic batch: float32 NCHW images and class labels, on the workload's device."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(work.batch, 3, work.image_size, work.image_size, generator=gen)
-    labels = torch.randint(0, NUM_CLASSES, (work.batch,), generator=gen)
+    labels = torch.randint(0, num_classes(work.model), (work.batch,), generator=gen)
     return x.to(work.device), labels.to(work.device)
 
 
@@ -90,6 +136,9 @@ def block_stages(model: nn.Module, image_size: int) -> list[Stage]:
     """
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
+    from fusedres.cifar import CifarPreActResNet, CifarResNet
+    from fusedres.preact import PreActBlockMixin
+
     stages: list[Stage] = []
 
     def add(name: str, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -98,17 +147,23 @@ def block_stages(model: nn.Module, image_size: int) -> list[Stage]:
     with torch.no_grad():
         model = model.eval()
         x = torch.zeros(1, 3, image_size, image_size)
-        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        if isinstance(model, CifarPreActResNet):
+            stem, layers, head = model.conv1, ("layer1", "layer2", "layer3"), [model.norm]
+        elif isinstance(model, CifarResNet):
+            stem, layers, head = nn.Sequential(model.conv1, model.bn1, model.relu), ("layer1", "layer2", "layer3"), []
+        else:
+            stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+            layers, head = ("layer1", "layer2", "layer3", "layer4"), []
         y = stem(x)
         add("stem", stem, x, y)
-        for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+        for layer_name in layers:
             for i, block in enumerate(getattr(model, layer_name)):
-                if not isinstance(block, (BasicBlock, Bottleneck)):
+                if not isinstance(block, (BasicBlock, Bottleneck, PreActBlockMixin)):
                     raise TypeError(f"{layer_name}[{i}] is a {type(block).__name__}, not a ResNet block")
                 out = block(y)
                 add(f"{layer_name}.{i}", block, y, out)
                 y = out
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+        head = nn.Sequential(*head, model.avgpool, nn.Flatten(1), model.fc)
         add("head", head, y, head(y))
     return stages
 
