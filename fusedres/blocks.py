@@ -45,6 +45,13 @@ class Projection(NamedTuple):
     bn: nn.BatchNorm2d
 
 
+class ZeroPad(NamedTuple):
+    """The option-A shortcut of `x` (fusedres.shortcuts.ZeroPadShortcut)."""
+
+    x: torch.Tensor
+    module: ZeroPadShortcut
+
+
 def _conv_reasons(name: str, conv: Any) -> list[str]:
     if type(conv) is not nn.Conv2d:
         return [f"{name} is {type(conv).__name__}, not nn.Conv2d"]
@@ -180,6 +187,8 @@ class FusedBlockMixin:
             return None
         if self.downsample is None:
             return x
+        if type(self.downsample) is ZeroPadShortcut:
+            return ZeroPad(x, self.downsample)
         parts = split_projection(self.downsample)
         if parts is None:
             return self.downsample(x)
@@ -197,7 +206,10 @@ class FusedBlockMixin:
                                              shortcut=shortcut)
         weight, bias = self._fold_cache.folded(name, conv, bn, dtype)
         residual, shortcut_x, shortcut_weight, shortcut_stride = shortcut, None, None, [1, 1]
-        if isinstance(shortcut, Projection):
+        if isinstance(shortcut, ZeroPad):  # read at its stride by the conv's epilogue (triton), no padded copy
+            residual, shortcut_x = None, shortcut.x.to(dtype)
+            shortcut_stride = [shortcut.module.stride] * 2
+        elif isinstance(shortcut, Projection):
             if uses_batch_stats(shortcut.bn):
                 residual = self._conv_bn("downsample", shortcut.x, shortcut.conv, shortcut.bn, relu=False,
                                          backend=backend, dtype=dtype)
@@ -216,7 +228,9 @@ class FusedBlockMixin:
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         scale, bias = batch_norm_scale_bias(y, bn, backend, where)
         residual, residual_scale, residual_bias = shortcut, None, None
-        if isinstance(shortcut, Projection):
+        if isinstance(shortcut, ZeroPad):  # the tail pass adds the padded tensor
+            residual = shortcut.module(shortcut.x)
+        elif isinstance(shortcut, Projection):
             if uses_batch_stats(shortcut.bn):
                 sc = shortcut.conv
                 residual = F.conv2d(shortcut.x, sc.weight, sc.bias, sc.stride, sc.padding, sc.dilation, sc.groups)

@@ -76,7 +76,8 @@ def conv_bias_act(
     This is one eval-mode convolution with its BatchNorm folded into `weight` and `bias`.
     `residual` is an identity shortcut; `shortcut_x`/`shortcut_weight` is a projection
     shortcut (1x1 conv, stride `shortcut_stride`, no padding) whose folded BN shift is
-    already part of `bias`. At most one of the two shortcut forms is given.
+    already part of `bias`; `shortcut_x` without `shortcut_weight` is the option-A shortcut
+    (`zero_pad_shortcut(shortcut_x, out_channels, stride)`). At most one shortcut form is given.
     """
     if in_scale is not None:
         x = prologue(x, in_scale, in_shift, True)
@@ -86,8 +87,10 @@ def conv_bias_act(
         out = out + _channel_view(bias.to(acc))
     if residual is not None:
         out = out + residual.to(acc)
-    if shortcut_x is not None:
-        assert shortcut_weight is not None
+    if shortcut_x is not None and shortcut_weight is None:  # option A: zero-padded identity
+        assert shortcut_stride[0] == shortcut_stride[1]
+        out = out + zero_pad_shortcut(shortcut_x, out.shape[1], shortcut_stride[0]).to(acc)
+    elif shortcut_x is not None:
         out = out + F.conv2d(shortcut_x, shortcut_weight, None, shortcut_stride).to(acc)
     if relu:
         out = torch.relu(out)

@@ -161,6 +161,39 @@ def test_conv_bias_act_prologue_matches_the_composition(backend, case):
         assert err <= 4 * tol * theirs.grad.abs().max().item(), (name, err)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"] + ([] if ext.load_error() else ["cuda"]))
+def test_conv_bias_act_zero_pad_shortcut(backend):
+    """shortcut_x without shortcut_weight: the option-A shortcut (shortcut_x's 4 channels at
+    stride 2 into the first 4 of 16, zeros in the rest), against the reference's F.pad, with
+    the input gradients (triton: float32 in the interpreter, 4 * (K = 8*9) * eps32)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, w, b, _, sx, _, *rest = _conv_args(shortcut=True)
+    args64 = [t.requires_grad_() for t in (x, w, b, sx)]
+    expected = reference.conv_bias_act(x, w, b, None, sx, None, *rest, True)
+    padded = torch.nn.functional.pad(sx[:, :, ::2, ::2], (0, 0, 0, 0, 0, 12))
+    assert torch.equal(expected, reference.conv_bias_act(x, w, b, padded, None, None, *rest, True))
+    ours = [t.detach().to(dtype if t is not b else reference.accumulation_dtype(dtype)).requires_grad_()
+            for t in args64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fusedres.ops.conv_bias_act(ours[0], ours[1], ours[2], None, ours[3], None, *rest, True, backend)
+    tol = 1e-12 if dtype == torch.float64 else 4 * 8 * 9 * torch.finfo(torch.float32).eps
+    assert (out.double() - expected).abs().max().item() <= tol * expected.abs().max().item()
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.to(dtype))
+    expected.backward(g)
+    for name, mine, theirs in zip(("x", "weight", "bias", "shortcut_x"), ours, args64):
+        err = (mine.grad.double() - theirs.grad).abs().max().item()
+        assert err <= 4 * tol * theirs.grad.abs().max().item(), (name, err)
+
+
+def test_conv_bias_act_zero_pad_shortcut_gradcheck():
+    x, w, b, _, sx, _, *rest = _conv_args(shortcut=True, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *ts: fusedres.ops.conv_bias_act(ts[0], ts[1], ts[2], None, ts[3], None, *rest, True, "torch"),
+        (x, w, b, sx), eps=1e-6, atol=1e-6)
+
+
 def test_conv_bias_act_prologue_needs_scale_and_shift():
     args = _conv_args()
     with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):

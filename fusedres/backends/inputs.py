@@ -62,7 +62,9 @@ class OpInputs:
 @_op_inputs
 class ConvInputs(OpInputs):
     """fusedres::conv_bias_act: act(conv(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight)),
-    P(x) = relu(x*in_scale + in_shift) per channel (a pre-activation BN + ReLU) when given, else x."""
+    P(x) = relu(x*in_scale + in_shift) per channel (a pre-activation BN + ReLU) when given, else x.
+    shortcut_x without shortcut_weight: the option-A shortcut, shortcut_x at shortcut_stride
+    in the first channels, zeros in the rest (`reference.zero_pad_shortcut`)."""
 
     op: ClassVar[str] = "conv_bias_act"
     main: ClassVar[str] = "x"

@@ -200,6 +200,10 @@ class TorchBackend(Backend):
         if i.in_scale is not None:  # the pre-activation, written once, then the library's fused conv
             i = dataclasses.replace(i, x=self.prologue(i.x, i.in_scale, i.in_shift, True), in_scale=None,
                                     in_shift=None)
+        if i.shortcut_x is not None and i.shortcut_weight is None:  # option A: the padded tensor, written
+            residual = reference.zero_pad_shortcut(i.shortcut_x, i.weight.shape[0], i.shortcut_stride[0])
+            i = dataclasses.replace(i, residual=residual.contiguous(
+                memory_format=reference.conv_output_memory_format(i.x, i.weight)), shortcut_x=None)
         if i.x.device.type == "cuda":
             out = self._cudnn_conv_bias_act(i)
             if out is not None:

@@ -215,6 +215,9 @@ def _conv_launches(dtype: torch.dtype, dname: str, sink: list, subset: bool) -> 
             if role == "conv2":  # a pre-activation block's first conv: its norm1 + ReLU in the prologue
                 run(conv, "eval prologue+bias+relu", check, bias=bias, relu=True, in_scale=_vec(conv.c),
                     in_shift=_vec(conv.c), prologue_relu=True)
+                # ... and, standing in for a CIFAR block's last conv, the option-A shortcut read in place
+                sx = _nhwc(conv.batch, conv.oc // 2, conv.out, conv.out, dtype=dtype)
+                run(conv, "eval bias+zero-pad shortcut+relu", check, bias=bias, shortcut_x=sx, relu=True)
         # train (the genstats chain): a block's first conv, the downsample and the stem take
         # their input as it is; the others apply the previous BN + ReLU in their prologue.
         if role in ("stem", "conv1", "downsample"):

@@ -93,7 +93,11 @@ def _backward(ctx, grad):
         grad_bias = g.to(reference.accumulation_dtype(g.dtype)).sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
     if needs[3]:
         grad_residual = g.to(ctx.residual_dtype)
-    if shortcut_x is not None and (needs[4] or needs[5]):
+    if shortcut_x is not None and shortcut_weight is None and needs[4]:  # option A: the first channels, strided
+        s_h, s_w = shortcut_stride
+        grad_sx = torch.zeros_like(shortcut_x)
+        grad_sx[:, :, ::s_h, ::s_w] = g[:, :shortcut_x.shape[1]].to(shortcut_x.dtype)
+    elif shortcut_x is not None and (needs[4] or needs[5]):
         grad_sx, grad_sw, _ = torch.ops.aten.convolution_backward(
             g, shortcut_x, shortcut_weight, None, shortcut_stride, [0, 0], [1, 1], False, [0, 0], 1,
             [needs[4], needs[5], False])

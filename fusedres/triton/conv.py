@@ -1,6 +1,8 @@
 """Fused implicit-GEMM convolution on NHWC (channels_last) tensors.
 
     out = act(conv2d(P(x), weight) + bias + residual + conv1x1(shortcut_x, shortcut_weight))
+    (shortcut_weight None: shortcut_x at shortcut_stride added to the first channels, the
+    option-A shortcut, read in place)
 
 with the optional input prologue P(x) = relu?(x * in_scale[c] + in_shift[c]) (fp32 math,
 applied before the conv's zero padding: padded taps contribute 0). Semantics otherwise
@@ -100,7 +102,7 @@ def _conv_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     Hs, Ws, Cs, sstride_h, sstride_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr, SHORTCUT_PAD: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, RELU: tl.constexpr,
     FLAT_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     STATS: tl.constexpr, STATS_TILE_M: tl.constexpr,
@@ -168,8 +170,13 @@ def _conv_kernel(
         acc = mma(a, b, acc, UPCAST, INPUT_PRECISION)
 
     if HAS_SHORTCUT:
-        # 1x1 projection shortcut, groups=1: a second K loop over shortcut_x's channels.
         s_row = ((n_img * Hs + p * sstride_h) * Ws + q * sstride_w) * Cs
+    if HAS_SHORTCUT and SHORTCUT_PAD:
+        # Option A: shortcut_x at the stride, read in place, in the first Cs channels; 0 in the rest.
+        acc += tl.load(sx_ptr + s_row[:, None] + offs_oc[None, :],
+                       mask=mask_m[:, None] & (mask_n & (offs_oc < Cs))[None, :], other=0.0).to(tl.float32)
+    elif HAS_SHORTCUT:
+        # 1x1 projection shortcut, groups=1: a second K loop over shortcut_x's channels.
         for c0 in range(0, Cs, BLOCK_K):
             c = c0 + offs_k
             mask_k = c < Cs
@@ -266,15 +273,17 @@ def _main_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilat
 
 def _shortcut_dims(geo: ConvGeometry, shortcut_x: torch.Tensor | None,
                    shortcut_weight: torch.Tensor | None) -> tuple[int, int, int]:
-    if (shortcut_x is None) != (shortcut_weight is None):
-        raise ValueError("shortcut_x and shortcut_weight must be given together")
+    if shortcut_x is None and shortcut_weight is not None:
+        raise ValueError("shortcut_weight needs shortcut_x")
     if shortcut_x is None:
         return 0, 0, 0
     if shortcut_x.dim() != 4:
         raise ValueError(f"shortcut_x must be 4-D (N, C, H, W), got shape {tuple(shortcut_x.shape)}")
     _, cs, hs, ws = shortcut_x.shape
     oc, (ssh, ssw) = geo.oc, geo.shortcut_stride
-    if tuple(shortcut_weight.shape) != (oc, cs, 1, 1):
+    if shortcut_weight is None and cs > oc:  # option A pads shortcut_x's channels with zeros up to oc
+        raise ValueError(f"the zero-padding shortcut needs shortcut_x's {cs} channels <= the output's {oc}")
+    if shortcut_weight is not None and tuple(shortcut_weight.shape) != (oc, cs, 1, 1):
         raise ValueError(f"shortcut_weight has shape {tuple(shortcut_weight.shape)}, expected ({oc}, {cs}, 1, 1) "
                          f"(a 1x1 conv from shortcut_x's {cs} channels to {oc})")
     s_out = (shortcut_x.shape[0], (hs - 1) // ssh + 1, (ws - 1) // ssw + 1)
@@ -327,7 +336,7 @@ def _launch(geo: ConvGeometry, x: torch.Tensor, weight: torch.Tensor, out: torch
     bias_t = bias.float().contiguous() if bias is not None else x
     res_t = residual.contiguous(memory_format=CL) if residual is not None else x
     sx_t = shortcut_x.contiguous(memory_format=CL) if shortcut_x is not None else x
-    sw_t = shortcut_weight.reshape(geo.oc, geo.cs).t().contiguous() if shortcut_x is not None else x
+    sw_t = shortcut_weight.reshape(geo.oc, geo.cs).t().contiguous() if shortcut_weight is not None else x
     scale_t = in_scale.float().contiguous() if in_scale is not None else x
     shift_t = in_shift.float().contiguous() if in_shift is not None else x
     cnt_t, m0_t, dm_t, m2_t = stats if stats is not None else (x,) * 4
@@ -343,6 +352,7 @@ def _launch(geo: ConvGeometry, x: torch.Tensor, weight: torch.Tensor, out: torch
         geo.hs, geo.ws, geo.cs, *geo.shortcut_stride,
         KH=geo.kh, KW=geo.kw,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SHORTCUT=shortcut_x is not None,
+        SHORTCUT_PAD=shortcut_x is not None and shortcut_weight is None,
         HAS_PROLOGUE=in_scale is not None, PROLOGUE_RELU=prologue_relu, RELU=relu,
         FLAT_K=geo.cg % 16 != 0, **common.mma_options(x.dtype),
         STATS=stats is not None, STATS_TILE_M=_STATS_TILE_M,
