@@ -283,3 +283,21 @@ def test_gpu_ddp_with_syncbn_matches_torchvision_syncbn():
     for errors in run_ranks(world, _gpu_ddp_body, 2, backend="nccl"):
         for kind, value in errors.items():
             assert value <= 1e-3, (kind, value)  # fp32, TF32 off, 3 convs deep per stage
+
+
+def _mismatched_channels_body(rank, world_size):
+    """A user error: the ranks' SyncBN blocks disagree on the channel count."""
+    channels = 4 if rank == 0 else 8
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.BasicBlock(channels, channels, backend="torch"))
+    block(torch.randn(2, channels, 5, 5)).sum().backward()
+
+
+def test_mismatched_channel_counts_across_ranks_fail_in_bounded_time():
+    import time
+
+    from distributed import RankFailure
+
+    start = time.monotonic()
+    with pytest.raises(RankFailure):
+        run_ranks(2, _mismatched_channels_body, pg_timeout=10, timeout=90, grace=5)
+    assert time.monotonic() - start < 90
