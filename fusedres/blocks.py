@@ -87,6 +87,36 @@ def split_projection(downsample: nn.Module | None) -> tuple[list[nn.Module], nn.
     return pre, conv, bn
 
 
+def check_block_input(x: Any, where: str, in_channels: int, weight: torch.Tensor) -> None:
+    """A block's input checks: a 4-D floating tensor with `in_channels` channels, non-empty
+    spatially, on the parameters' device, in their dtype (or under autocast)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{where} expects a 4-D input (N, C={in_channels}, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{where} expects {in_channels} input channels (N, {in_channels}, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{where} expects a spatial size of at least 1x1, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where} expects a floating-point input (float16, bfloat16, float32 or "
+                        f"float64), got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{where} has its parameters on {weight.device} but got an input on {x.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{where} has {weight.dtype} parameters but got a {x.dtype} input; convert the "
+                        f"model with .to({x.dtype}) or run under torch.autocast")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a block's convolutions run in: autocast's, else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class FusedBlockMixin:
     """The constructor and fused forward shared by BasicBlock and Bottleneck."""
 
@@ -153,34 +183,10 @@ class FusedBlockMixin:
         return reasons
 
     def _check_input(self, x: torch.Tensor) -> None:
-        where = self.describe()
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
-        in_channels = self.conv1.in_channels
-        if x.dim() != 4:
-            raise ValueError(f"{where} expects a 4-D input (N, C={in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != in_channels:
-            raise ValueError(f"{where} expects {in_channels} input channels (N, {in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[2] < 1 or x.shape[3] < 1:
-            raise ValueError(f"{where} expects a spatial size of at least 1x1, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{where} expects a floating-point input (float16, bfloat16, float32 or "
-                            f"float64), got {x.dtype}")
-        weight = self.conv1.weight
-        if x.device != weight.device:
-            raise ValueError(f"{where} has its parameters on {weight.device} but got an input on {x.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{where} has {weight.dtype} parameters but got a {x.dtype} input; convert the "
-                            f"model with .to({x.dtype}) or run under torch.autocast")
+        check_block_input(x, self.describe(), self.conv1.in_channels, self.conv1.weight)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the convolutions run in: autocast's, else the input's."""
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-            return torch.get_autocast_dtype(device_type)
-        return x.dtype
+        return compute_dtype(x)
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor | Projection | None:
         if not self._has_shortcut:

@@ -42,6 +42,7 @@ from torch import nn
 from fusedres import ops, reference
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
+from fusedres.blocks import check_block_input, compute_dtype
 from fusedres.folding import FoldCache, uses_batch_stats
 
 
@@ -192,27 +193,10 @@ class PreActBlockMixin:
         return self.drop_path(out) + shortcut
 
     def _check_input(self, x: torch.Tensor) -> None:
-        where, c = self.describe(), self.conv1.in_channels
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where} expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != c:
-            raise ValueError(f"{where} expects an input (N, C={c}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[2] < 1 or x.shape[3] < 1:
-            raise ValueError(f"{where} expects a spatial size of at least 1x1, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{where} expects a floating-point input, got {x.dtype}")
-        weight = self.conv1.weight
-        if x.device != weight.device:
-            raise ValueError(f"{where} has its parameters on {weight.device} but got an input on {x.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{where} has {weight.dtype} parameters but got a {x.dtype} input; convert the "
-                            f"model with .to({x.dtype}) or run under torch.autocast")
+        check_block_input(x, self.describe(), self.conv1.in_channels, self.conv1.weight)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-            return torch.get_autocast_dtype(device_type)
-        return x.dtype
+        return compute_dtype(x)
 
     # ---- the general path (eval, frozen norms, anything but plain training) ---------------
 
@@ -325,8 +309,15 @@ def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
     return new_v + divisor if new_v < round_limit * v else new_v
 
 
-def _needs_projection(in_chs: int, out_chs: int, stride: int, dilation: int, first_dilation: int) -> bool:
-    return stride != 1 or in_chs != out_chs or first_dilation != dilation
+def _channels_and_projection(in_chs: int, out_chs: int | None, bottle_ratio: float, stride: int, dilation: int,
+                             first_dilation: int | None) -> tuple[int, int, int, PreActProjection | None]:
+    """(first_dilation, out_chs, mid_chs, downsample) as timm's constructors derive them; a
+    projection exactly where the block changes shape."""
+    first_dilation = first_dilation or dilation
+    out_chs = out_chs or in_chs
+    changes = stride != 1 or in_chs != out_chs or first_dilation != dilation
+    return (first_dilation, out_chs, make_divisible(out_chs * bottle_ratio),
+            PreActProjection(in_chs, out_chs, stride) if changes else None)
 
 
 class PreActBasicBlock(PreActBlockMixin, nn.Module):
@@ -340,11 +331,8 @@ class PreActBasicBlock(PreActBlockMixin, nn.Module):
                  dilation: int = 1, first_dilation: int | None = None, groups: int = 1, *,
                  backend: str = "auto") -> None:
         super().__init__()
-        first_dilation = first_dilation or dilation
-        out_chs = out_chs or in_chs
-        mid_chs = make_divisible(out_chs * bottle_ratio)
-        self.downsample = (PreActProjection(in_chs, out_chs, stride)
-                           if _needs_projection(in_chs, out_chs, stride, dilation, first_dilation) else None)
+        first_dilation, out_chs, mid_chs, self.downsample = _channels_and_projection(
+            in_chs, out_chs, bottle_ratio, stride, dilation, first_dilation)
         self.norm1 = BatchNormReLU(in_chs)
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 3, stride, first_dilation, first_dilation, groups, bias=False)
         self.norm2 = BatchNormReLU(mid_chs)
@@ -368,11 +356,8 @@ class PreActBottleneck(PreActBlockMixin, nn.Module):
                  dilation: int = 1, first_dilation: int | None = None, groups: int = 1, *,
                  backend: str = "auto") -> None:
         super().__init__()
-        first_dilation = first_dilation or dilation
-        out_chs = out_chs or in_chs
-        mid_chs = make_divisible(out_chs * bottle_ratio)
-        self.downsample = (PreActProjection(in_chs, out_chs, stride)
-                           if _needs_projection(in_chs, out_chs, stride, dilation, first_dilation) else None)
+        first_dilation, out_chs, mid_chs, self.downsample = _channels_and_projection(
+            in_chs, out_chs, bottle_ratio, stride, dilation, first_dilation)
         self.norm1 = BatchNormReLU(in_chs)
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
         self.norm2 = BatchNormReLU(mid_chs)

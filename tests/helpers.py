@@ -324,3 +324,21 @@ def narrow_resnet(block: type[nn.Module], **kwargs) -> nn.Module:
     model.layer4 = model._make_layer(block, 64, 1, stride=2)
     model.fc = nn.Linear(64 * block.expansion, 10)
     return model
+
+
+def assert_float32_matches_float64(block: nn.Module, ref64: nn.Module, x: torch.Tensor, tol: float) -> None:
+    """block(x) in float32 (no warning: nothing falls back) against ref64 in float64, output
+    and input gradient (at 4 * tol: the backward adds a conv's worth of rounding)."""
+    import warnings
+
+    xd = x.double().requires_grad_()
+    x = x.detach().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = block(x)
+    expected = ref64(xd)
+    assert_close_scaled(out.double(), expected.detach(), tol, "output")
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.float())
+    expected.backward(g)
+    assert_close_scaled(x.grad.double(), xd.grad, 4 * tol, "input gradient")

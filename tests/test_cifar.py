@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_scaled, assert_training_matches, randomize_bn
+from helpers import assert_close_scaled, assert_float32_matches_float64, assert_training_matches, randomize_bn
 from torch import nn
 from torchvision.models import resnet as tv
 
@@ -135,18 +135,7 @@ def test_option_a_block_on_triton_float32(mode, stride, inplanes, planes):
     ref = ref.double()
     block.train(mode == "train"), ref.train(mode == "train")
     x = torch.randn(2, inplanes, 7, 9)
-    xd = x.double().requires_grad_()
-    x.requires_grad_()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = block(x)
-    expected = ref(xd)
-    tol = 4 * (9 * planes) ** 0.5 * torch.finfo(torch.float32).eps
-    assert_close_scaled(out.double(), expected.detach(), tol, "output")
-    g = torch.randn(out.shape, dtype=torch.float64)
-    out.backward(g.float())
-    expected.backward(g)
-    assert_close_scaled(x.grad.double(), xd.grad, 4 * tol, "input gradient")
+    assert_float32_matches_float64(block, ref, x, 4 * (9 * planes) ** 0.5 * torch.finfo(torch.float32).eps)
 
 
 def test_option_a_structure_state_dict_and_revert():
