@@ -152,8 +152,10 @@ def test_triton_op_opcheck():
     sx, sw = torch.randn(2, 4, 5, 6, device=DEVICE), torch.randn(8, 4, 1, 1, device=DEVICE)
     op = torch.ops.fusedres.triton_conv_bias_act.default
     assert triton_ops.TRACEABLE == (not INTERPRET)
-    torch.library.opcheck(op, (x, w, b, r, None, None, [2, 2], [1, 1], [1, 1], 1, [1, 1], True))
-    torch.library.opcheck(op, (x, w, None, None, sx, sw, [2, 2], [1, 1], [1, 1], 1, [2, 2], False))
+    torch.library.opcheck(op, (x, w, b, r, None, None, [2, 2], [1, 1], [1, 1], 1, [1, 1], True, None, None))
+    torch.library.opcheck(op, (x, w, None, None, sx, sw, [2, 2], [1, 1], [1, 1], 1, [2, 2], False, None, None))
+    scale, shift = torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE)  # prologue, option A
+    torch.library.opcheck(op, (x, w, b, None, sx[:, :4], None, [2, 2], [1, 1], [1, 1], 1, [2, 2], True, scale, shift))
 
 
 # ---------------------------------------------------------------------------------------

@@ -173,12 +173,13 @@ def test_second_writer_reads_the_first_writers_file(tmp_path, backends):
 def test_bad_cache_file_is_ignored_and_rewritten(tmp_path, backends, content, request):
     tuner = _tuner(tmp_path, FakeTimer(triton=1.0, torch=2.0))
     args = _args()
-    path = tuner.path(tuner.key("conv_bias_act", args, ["triton", "torch"]))
+    key_args = ConvInputs(*args).args()  # the op's arguments as the tuner keys them (defaults included)
+    path = tuner.path(tuner.key("conv_bias_act", key_args, ["triton", "torch"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     if request.node.callspec.id == "another-key":
         content = json.dumps({"key": {"op": "something else"}, "winner": "torch"})
     elif request.node.callspec.id == "unknown-winner":
-        key = json.loads(json.dumps(tuner.key("conv_bias_act", args, ["triton", "torch"])))
+        key = json.loads(json.dumps(tuner.key("conv_bias_act", key_args, ["triton", "torch"])))
         content = json.dumps({"key": key, "winner": "cuda"})
     path.write_text(content)
     assert tuner.choose(backends, ConvInputs(*args)).name == "triton"
