@@ -88,8 +88,7 @@ def conv_bias_act(
     if residual is not None:
         out = out + residual.to(acc)
     if shortcut_x is not None and shortcut_weight is None:  # option A: zero-padded identity
-        assert shortcut_stride[0] == shortcut_stride[1]
-        out = out + zero_pad_shortcut(shortcut_x, out.shape[1], shortcut_stride[0]).to(acc)
+        out = out + zero_pad_shortcut(shortcut_x, out.shape[1], shortcut_stride).to(acc)
     elif shortcut_x is not None:
         out = out + F.conv2d(shortcut_x, shortcut_weight, None, shortcut_stride).to(acc)
     if relu:
@@ -224,10 +223,11 @@ def bn_finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | No
     return scale, shift
 
 
-def zero_pad_shortcut(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
-    """The CIFAR ResNets' option-A shortcut: x at the block's stride, its channels first and
-    zeros after, up to out_channels."""
-    sub = x[:, :, ::stride, ::stride]
+def zero_pad_shortcut(x: torch.Tensor, out_channels: int, stride: int | list[int]) -> torch.Tensor:
+    """The CIFAR ResNets' option-A shortcut: x at the block's stride (an int, or (h, w)), its
+    channels first and zeros after, up to out_channels."""
+    s_h, s_w = (stride, stride) if isinstance(stride, int) else stride
+    sub = x[:, :, ::s_h, ::s_w]
     return F.pad(sub, (0, 0, 0, 0, 0, out_channels - x.shape[1]))
 
 

@@ -201,7 +201,9 @@ class TorchBackend(Backend):
             i = dataclasses.replace(i, x=self.prologue(i.x, i.in_scale, i.in_shift, True), in_scale=None,
                                     in_shift=None)
         if i.shortcut_x is not None and i.shortcut_weight is None:  # option A: the padded tensor, written
-            residual = reference.zero_pad_shortcut(i.shortcut_x, i.weight.shape[0], i.shortcut_stride[0])
+            residual = reference.zero_pad_shortcut(i.shortcut_x, i.weight.shape[0], i.shortcut_stride)
+            if i.residual is not None:  # both forms given: the reference adds both
+                residual = residual + i.residual
             i = dataclasses.replace(i, residual=residual.contiguous(
                 memory_format=reference.conv_output_memory_format(i.x, i.weight)), shortcut_x=None)
         if i.x.device.type == "cuda":
