@@ -50,7 +50,7 @@ def scale_bias_from_stats(mean: torch.Tensor, var: torch.Tensor, count: int, bn:
     channel, updating `bn`'s running statistics (differentiable in mean, var and bn's affine).
     For an nn.SyncBatchNorm in a process group, the statistics are first those of the whole
     group's batch (`fusedres.sync_bn`)."""
-    group_count: torch.Tensor | int | None = None
+    group_count: torch.Tensor | int = count
     if sync_bn.needs_sync(bn):
         mean, var, group_count = sync_bn.global_stats(mean, var, count, bn)
         if count <= 1:  # only then can the group's batch have fewer than 2 values: look (a host sync)
@@ -62,8 +62,8 @@ def scale_bias_from_stats(mean: torch.Tensor, var: torch.Tensor, count: int, bn:
     impl = select_backend(backend, inputs)
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         stats = (bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(), var.detach(), bn.momentum)
-        if isinstance(group_count, torch.Tensor):  # a group count of at least 2, on the device
-            reference.bn_update_running_stats(*stats, group_count)
-        else:
-            impl.bn_update_running_stats(*stats, count if group_count is None else group_count)
+        # A device tensor (a group count of at least 2, unread) takes the reference's PyTorch ops.
+        update = reference.bn_update_running_stats if isinstance(group_count, torch.Tensor) \
+            else impl.bn_update_running_stats
+        update(*stats, group_count)
     return impl.bn_finalize(inputs)

@@ -52,12 +52,20 @@ class ZeroPad(NamedTuple):
     module: ZeroPadShortcut
 
 
-def _conv_reasons(name: str, conv: Any) -> list[str]:
+def conv_reasons(name: str, conv: Any) -> list[str]:
+    """Why `conv` is not a convolution the fused ops run (an nn.Conv2d with zero padding)."""
     if type(conv) is not nn.Conv2d:
         return [f"{name} is {type(conv).__name__}, not nn.Conv2d"]
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return [f"{name} uses padding {conv.padding!r} with padding_mode={conv.padding_mode!r}"]
     return []
+
+
+def inactive(module: nn.Module | None) -> bool:
+    """None, Identity, or a DropPath/DropBlock whose drop probability is 0."""
+    if module is None or type(module) is nn.Identity:
+        return True
+    return getattr(module, "drop_prob", None) == 0
 
 
 # nn.SyncBatchNorm: the same parameters and buffers; its train-mode statistics are reduced
@@ -80,7 +88,7 @@ def split_projection(downsample: nn.Module | None) -> tuple[list[nn.Module], nn.
     if type(downsample) is not nn.Sequential or len(downsample) < 2:
         return None
     *pre, conv, bn = list(downsample)
-    if _conv_reasons("", conv) or _bn_reasons("", bn):
+    if conv_reasons("", conv) or _bn_reasons("", bn):
         return None
     if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1 or conv.dilation != (1, 1):
         return None
@@ -107,6 +115,19 @@ def check_block_input(x: Any, where: str, in_channels: int, weight: torch.Tensor
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{where} has {weight.dtype} parameters but got a {x.dtype} input; convert the "
                         f"model with .to({x.dtype}) or run under torch.autocast")
+
+
+def conv_stats_scale_bias(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, scale: torch.Tensor | None,
+                          shift: torch.Tensor | None, backend: str, dtype: torch.dtype,
+                          where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One link of the statistics chain: y = conv(relu(x*scale+shift), or x when scale is
+    None), and the (scale, shift) of y's own BN from y's batch statistics."""
+    y, mean, var = ops.conv_bn_stats(x.to(dtype), conv.weight.to(dtype), scale, shift, scale is not None,
+                                     list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
+                                     backend)
+    count = y.numel() // y.shape[1]
+    check_count(count, tuple(y.shape), where, bn)
+    return y, *scale_bias_from_stats(mean, var, count, bn, backend, where)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -176,7 +197,7 @@ class FusedBlockMixin:
         """Why this block cannot run fused (then it runs torchvision's forward)."""
         reasons: list[str] = []
         for conv_name, bn_name in self._conv_bn_names:
-            reasons += _conv_reasons(conv_name, getattr(self, conv_name))
+            reasons += conv_reasons(conv_name, getattr(self, conv_name))
             reasons += _bn_reasons(bn_name, getattr(self, bn_name))
         if type(self.relu) is not nn.ReLU:
             reasons.append(f"relu is {type(self.relu).__name__}, not nn.ReLU")
@@ -330,14 +351,7 @@ class FusedBlockMixin:
         return all(uses_batch_stats(bn) and conv.bias is None for conv, bn in pairs)
 
     def _conv_stats_scale_bias(self, x, conv, bn, scale, shift, *, backend, dtype):
-        """y = conv(relu(x*scale+shift) or x), and the (scale, shift) of its own BN."""
-        y, mean, var = ops.conv_bn_stats(x.to(dtype), conv.weight.to(dtype), scale, shift, scale is not None,
-                                         list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
-                                         backend)
-        count = y.numel() // y.shape[1]
-        where = f"{self.describe()}: "
-        check_count(count, tuple(y.shape), where, bn)
-        return y, *scale_bias_from_stats(mean, var, count, bn, backend, where)
+        return conv_stats_scale_bias(x, conv, bn, scale, shift, backend, dtype, f"{self.describe()}: ")
 
     def _train_chain(self, x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
         y, scale, shift = x, None, None

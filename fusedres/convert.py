@@ -15,7 +15,7 @@ from torchvision.models import resnet as tv_resnet
 
 from fusedres import preact
 from fusedres.backends import check_backend_name
-from fusedres.blocks import BasicBlock, Bottleneck, FusedBlockMixin
+from fusedres.blocks import BasicBlock, Bottleneck, FusedBlockMixin, inactive
 from fusedres.stem import fuse_stem, unfuse_stem
 
 _TORCHVISION_TO_FUSED: dict[type, type] = {tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}
@@ -35,13 +35,6 @@ def _copy_module_dict(module: nn.Module) -> dict:
     return {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
 
 
-def _inactive(module: nn.Module | None) -> bool:
-    """None, Identity, or a DropPath/DropBlock whose drop probability is 0."""
-    if module is None or type(module) is nn.Identity:
-        return True
-    return getattr(module, "drop_prob", None) == 0
-
-
 def _timm_reasons(block: nn.Module) -> list[str]:
     reasons = []
     for name in ("act1", "act2", "act3"):
@@ -49,7 +42,7 @@ def _timm_reasons(block: nn.Module) -> list[str]:
         if act is not None and type(act) is not nn.ReLU:
             reasons.append(f"{name} is {type(act).__name__}, not nn.ReLU")
     for name in ("se", "aa", "drop_block", "drop_path"):
-        if not _inactive(getattr(block, name, None)):
+        if not inactive(getattr(block, name, None)):
             reasons.append(f"{name} ({type(getattr(block, name)).__name__}) is in effect")
     return reasons
 

@@ -42,7 +42,7 @@ from torch import nn
 from fusedres import ops, reference
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
-from fusedres.blocks import check_block_input, compute_dtype
+from fusedres.blocks import check_block_input, compute_dtype, conv_reasons, conv_stats_scale_bias, inactive
 from fusedres.folding import FoldCache, uses_batch_stats
 
 
@@ -67,12 +67,6 @@ class PreActProjection(nn.Module):
         return self.norm(self.conv(x))
 
 
-def _inactive(module: nn.Module | None) -> bool:
-    if module is None or type(module) is nn.Identity:
-        return True
-    return getattr(module, "drop_prob", None) == 0
-
-
 def _norm_reasons(name: str, norm: Any) -> list[str]:
     if type(norm) is BatchNormReLU:
         return []
@@ -80,22 +74,19 @@ def _norm_reasons(name: str, norm: Any) -> list[str]:
     if cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.") and isinstance(norm, nn.BatchNorm2d):
         if type(getattr(norm, "act", None)) is not nn.ReLU:
             return [f"{name}'s activation is {type(getattr(norm, 'act', None)).__name__}, not nn.ReLU"]
-        if not _inactive(getattr(norm, "drop", None)):
+        if not inactive(getattr(norm, "drop", None)):
             return [f"{name}'s dropout ({type(norm.drop).__name__}) is in effect"]
         return []
     return [f"{name} is {cls.__name__}, not a BatchNorm2d followed by ReLU (timm's BatchNormAct2d with nn.ReLU, "
             f"or fusedres.preact.BatchNormReLU)"]
 
 
-def _conv_reasons(name: str, conv: Any, one_by_one: bool = False) -> list[str]:
-    if type(conv) is not nn.Conv2d:
-        return [f"{name} is {type(conv).__name__}, not nn.Conv2d"]
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return [f"{name} uses padding {conv.padding!r} with padding_mode={conv.padding_mode!r}"]
-    if one_by_one and (conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1
-                       or conv.dilation != (1, 1)):
+def _one_by_one_reasons(name: str, conv: Any) -> list[str]:
+    reasons = conv_reasons(name, conv)
+    if not reasons and (conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1
+                        or conv.dilation != (1, 1)):
         return [f"{name} is not a plain 1x1 convolution"]
-    return []
+    return reasons
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
@@ -149,20 +140,20 @@ class PreActBlockMixin:
         """Why this block cannot run fused (then it runs timm's forward)."""
         reasons: list[str] = []
         for i, (conv, norm) in enumerate(zip(self._convs, self._norms)):
-            reasons += _conv_reasons(f"conv{i + 1}", conv) + _norm_reasons(f"norm{i + 1}", norm)
+            reasons += conv_reasons(f"conv{i + 1}", conv) + _norm_reasons(f"norm{i + 1}", norm)
         ds = self.downsample
         if ds is not None:
             conv = getattr(ds, "conv", None)
             pool = getattr(ds, "pool", None)
-            if conv is None or not _inactive(getattr(ds, "norm", None)) or set(dict(ds.named_children())) - {
+            if conv is None or not inactive(getattr(ds, "norm", None)) or set(dict(ds.named_children())) - {
                     "conv", "norm", "pool"}:
                 reasons.append(f"downsample ({type(ds).__name__}) is not a 1x1 conv of the pre-activated input "
                                f"(timm's DownsampleConv/DownsampleAvg with preact=True)")
             else:
-                reasons += _conv_reasons("downsample.conv", conv, one_by_one=True)
+                reasons += _one_by_one_reasons("downsample.conv", conv)
                 if pool is not None and type(pool) not in (nn.AvgPool2d, nn.Identity):
                     reasons.append(f"downsample.pool is {type(pool).__name__}, not nn.AvgPool2d")
-        if not _inactive(getattr(self, "drop_path", None)):
+        if not inactive(getattr(self, "drop_path", None)):
             reasons.append(f"drop_path ({type(self.drop_path).__name__}) is in effect")
         return reasons
 
@@ -267,7 +258,7 @@ class PreActBlockMixin:
         no pool, the batch is not empty."""
         projection = self._projection()
         convs = self._convs + ([] if projection is None else [projection[1]])
-        if projection is not None and not _inactive(projection[0]):
+        if projection is not None and not inactive(projection[0]):
             return False
         if x.shape[0] == 0:
             return False
@@ -283,10 +274,7 @@ class PreActBlockMixin:
         y, scale, shift = xc, scale1, shift1
         convs, norms = self._convs, self._norms
         for conv, norm in zip(convs[:-1], norms[1:]):
-            y, mean, var = ops.conv_bn_stats(y, conv.weight.to(dtype), scale, shift, True, *_conv_args(conv), backend)
-            count = y.numel() // y.shape[1]
-            check_count(count, tuple(y.shape), where, norm)
-            scale, shift = scale_bias_from_stats(mean, var, count, norm, backend, where)
+            y, scale, shift = conv_stats_scale_bias(y, conv, norm, scale, shift, backend, dtype, where)
         last = convs[-1]
         # The last conv's (and the projection's) statistics are not needed: their epilogue is wasted.
         out, _, _ = ops.conv_bn_stats(y, last.weight.to(dtype), scale, shift, True, *_conv_args(last), backend)

@@ -8,7 +8,7 @@ forward + backward) and one candidate ("eager", "compile_max_autotune" or
 Models: torchvision's ResNets (`fusedres.bench.workload.MODELS`), timm's pre-activation
 `resnetv2_*` (`timm.create_model`) and fusedres's CIFAR networks (`cifar_*`, 32x32). "eager"
 is the model's own block: torchvision's or timm's, or for the CIFAR networks, whose blocks
-are fusedres's, the same block running its plain-module forward.
+are fusedres's, the same block running its plain-module forward (`workload.eager_blocks`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ import torch
 from torch import nn
 
 import fusedres
-from fusedres import preact
 from fusedres.bench import measure
-from fusedres.bench.workload import MODELS, build_model, randomize_bn
-from fusedres.blocks import FusedBlockMixin
+from fusedres.bench.workload import (
+    ALL_MODELS,
+    activate_fused_blocks,
+    build_model,
+    default_image_size,
+    eager_blocks,
+    randomize_bn,
+)
 
 # Class names of the blocks a case can be (their fused subclasses included).
 _BLOCK_CLASSES = {"BasicBlock", "Bottleneck", "PlainBlock", "PreActBasic", "PreActBottleneck",
@@ -48,26 +53,19 @@ class BlockShape:
 
 
 def build_any(model_name: str, seed: int = 0) -> nn.Module:
-    """A torchvision ResNet, a timm resnetv2_* or a fusedres CIFAR network, float32, random
-    weights with trained-like BatchNorm state."""
-    if model_name in MODELS:
+    """A torchvision ResNet or fusedres CIFAR network (`workload.build_model`: eager), or a
+    timm resnetv2_*, float32, random weights with trained-like BatchNorm state."""
+    if model_name in ALL_MODELS:
         return build_model(model_name, seed)
-    torch.manual_seed(seed)
-    if model_name.startswith("cifar_"):
-        model = getattr(fusedres.models, model_name)()
-    elif model_name.startswith("resnetv2_"):
-        import timm
+    if not model_name.startswith("resnetv2_"):
+        raise ValueError(f"unknown model {model_name!r}: a torchvision ResNet or fusedres CIFAR network "
+                         f"({', '.join(ALL_MODELS)}), or timm's resnetv2_*")
+    import timm
 
-        model = timm.create_model(model_name, pretrained=False, num_classes=10)
-    else:
-        raise ValueError(f"unknown model {model_name!r}: a torchvision ResNet ({', '.join(MODELS)}), "
-                         f"timm's resnetv2_*, or fusedres.models.cifar_*")
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, num_classes=10)
     randomize_bn(model, seed)
     return model
-
-
-def default_image_size(model_name: str) -> int:
-    return 32 if model_name.startswith("cifar_") else 224
 
 
 def distinct_blocks(model_name: str, image_size: int | None = None) -> list[BlockShape]:
@@ -97,22 +95,6 @@ def get_block(shape: BlockShape) -> nn.Module:
     return build_any(shape.model).get_submodule(shape.name)
 
 
-class _UnfusedForward(nn.Module):
-    """A fusedres-native block (the CIFAR networks') running its plain-module forward: the
-    eager baseline for blocks no other library defines."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block._unfused_forward(x)
-
-
-def _native(block: nn.Module) -> bool:
-    return isinstance(block, (FusedBlockMixin, preact.PreActBlockMixin))
-
-
 class BlockCase:
     """One block, one candidate, one mode: `check()` for parity, `step()` to time."""
 
@@ -134,21 +116,19 @@ class BlockCase:
 
     def _make(self, candidate: str) -> nn.Module:
         block = copy.deepcopy(self.block32).to(self.dtype, memory_format=torch.channels_last)
+        # eager_blocks / activate_fused_blocks touch only fusedres-native blocks (the CIFAR
+        # networks'); convert only torchvision's and timm's.
         if candidate == "eager":
-            return _UnfusedForward(block) if _native(block) else block
+            return eager_blocks(block)
         if candidate == "compile_max_autotune":
-            return torch.compile(_UnfusedForward(block) if _native(block) else block, mode="max-autotune")
+            return torch.compile(eager_blocks(block), mode="max-autotune")
         if candidate.startswith("fusedres_"):
             backend = candidate.removeprefix("fusedres_")
-            if _native(block):
-                block.backend = fusedres.backends.check_backend_name(backend)
-                return block
-            return fusedres.convert(block, backend=backend)
+            return activate_fused_blocks(fusedres.convert(block, backend=backend), backend)
         raise ValueError(f"unknown block candidate {candidate!r}")
 
     def _make_fp32_reference(self) -> nn.Module:
-        block = copy.deepcopy(self.block32)
-        return _UnfusedForward(block) if _native(block) else block
+        return eager_blocks(copy.deepcopy(self.block32))
 
     def _run(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> list[torch.Tensor]:
         if self.mode == "inference":

@@ -61,6 +61,15 @@ def _(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, d
     return conv_output_like(x, weight, stride, padding, dilation)
 
 
+def prologue_grads(prologue_backward, grad_a: torch.Tensor, x: torch.Tensor, in_scale: torch.Tensor,
+                   in_shift: torch.Tensor, relu: bool, needs: tuple[bool, bool, bool]) -> tuple:
+    """(dx, dscale, dshift) of a conv input prologue from the gradient of its output, by
+    `prologue_backward` (a backend's, or the reference's), in in_scale's and in_shift's dtypes."""
+    dx, dscale, dshift = prologue_backward(grad_a, x, in_scale, in_shift, relu, needs)
+    return (dx, None if dscale is None else dscale.to(in_scale.dtype),
+            None if dshift is None else dshift.to(in_shift.dtype))
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
      shortcut_stride, relu, in_scale, in_shift, _backend) = inputs
@@ -84,10 +93,8 @@ def _backward(ctx, grad):
         g, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [want_a, needs[1], False])
     grad_scale = grad_shift = None
     if has_prologue and grad_x is not None:
-        grad_x, grad_scale, grad_shift = reference.prologue_backward(grad_x, x, in_scale, in_shift, True,
-                                                                     (needs[0], needs[12], needs[13]))
-        grad_scale = None if grad_scale is None else grad_scale.to(in_scale.dtype)
-        grad_shift = None if grad_shift is None else grad_shift.to(in_shift.dtype)
+        grad_x, grad_scale, grad_shift = prologue_grads(reference.prologue_backward, grad_x, x, in_scale, in_shift,
+                                                        True, (needs[0], needs[12], needs[13]))
     grad_bias = grad_residual = grad_sx = grad_sw = None
     if needs[2]:
         grad_bias = g.to(reference.accumulation_dtype(g.dtype)).sum(dim=(0, 2, 3)).to(ctx.bias_dtype)

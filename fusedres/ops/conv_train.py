@@ -20,7 +20,7 @@ import torch
 from fusedres import reference
 from fusedres.backends import chosen_backend, select_backend
 from fusedres.backends.inputs import ConvBackwardInputs, ConvStatsInputs
-from fusedres.ops.conv import conv_output_like
+from fusedres.ops.conv import conv_output_like, prologue_grads
 
 Tensor = torch.Tensor
 _SCHEMA = ("(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, bool prologue_relu, int[] stride, "
@@ -73,10 +73,8 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if grad_a is not None and not has_prologue:
         grad_x = grad_a
     elif grad_a is not None:
-        grad_x, grad_scale, grad_shift = impl.prologue_backward(grad_a, x, in_scale, in_shift, ctx.prologue_relu,
-                                                                (needs[0], needs[2], needs[3]))
-        grad_scale = None if grad_scale is None else grad_scale.to(in_scale.dtype)
-        grad_shift = None if grad_shift is None else grad_shift.to(in_shift.dtype)
+        grad_x, grad_scale, grad_shift = prologue_grads(impl.prologue_backward, grad_a, x, in_scale, in_shift,
+                                                        ctx.prologue_relu, (needs[0], needs[2], needs[3]))
     return grad_x, grad_w, grad_scale, grad_shift, None, None, None, None, None, None
 
 
