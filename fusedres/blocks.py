@@ -45,6 +45,12 @@ class Projection(NamedTuple):
     bn: nn.BatchNorm2d
 
 
+def _subsampled(x: torch.Tensor, shortcut: ZeroPadShortcut) -> torch.Tensor:
+    """The option-A shortcut without its zero channels: a strided view of x (no copy), which
+    the block tail (`ops.scale_bias_act`) adds to the first channels of its output."""
+    return x[:, :, ::shortcut.stride, ::shortcut.stride]
+
+
 class ZeroPad(NamedTuple):
     """The option-A shortcut of `x` (fusedres.shortcuts.ZeroPadShortcut)."""
 
@@ -255,8 +261,8 @@ class FusedBlockMixin:
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         scale, bias = batch_norm_scale_bias(y, bn, backend, where)
         residual, residual_scale, residual_bias = shortcut, None, None
-        if isinstance(shortcut, ZeroPad):  # the tail pass adds the padded tensor
-            residual = shortcut.module(shortcut.x)
+        if isinstance(shortcut, ZeroPad):  # the tail adds it to the first channels, unpadded
+            residual = _subsampled(shortcut.x, shortcut.module)
         elif isinstance(shortcut, Projection):
             if uses_batch_stats(shortcut.bn):
                 sc = shortcut.conv
@@ -337,11 +343,12 @@ class FusedBlockMixin:
 
     def _runs_as_train_chain(self, x: torch.Tensor) -> bool:
         """Every BN (downsample's too) uses batch statistics, no conv has a bias, the batch
-        is not empty, and the shortcut is the identity or a plain projection. (An empty batch
+        is not empty, and the shortcut is the identity, option A or a plain projection. (An empty batch
         takes the per-pair path, as nn.BatchNorm2d handles it, except where a BN is
-        synchronised: every rank must then make the same collectives in the same order.)"""
+        synchronised: every rank must then make the same collectives in the same order.)
+        The option-A shortcut qualifies: the tail reads it unpadded (`_subsampled`)."""
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._conv_bn_names]
-        if self.downsample is not None:
+        if self.downsample is not None and type(self.downsample) is not ZeroPadShortcut:
             parts = split_projection(self.downsample)
             if parts is None or parts[0]:
                 return False
@@ -359,7 +366,9 @@ class FusedBlockMixin:
             y, scale, shift = self._conv_stats_scale_bias(y, getattr(self, conv_name), getattr(self, bn_name),
                                                           scale, shift, backend=backend, dtype=dtype)
         residual, residual_scale, residual_shift = (x if self._has_shortcut else None), None, None
-        if self.downsample is not None:
+        if type(self.downsample) is ZeroPadShortcut:
+            residual = _subsampled(x, self.downsample)
+        elif self.downsample is not None:
             _, conv, bn = split_projection(self.downsample)
             residual, residual_scale, residual_shift = self._conv_stats_scale_bias(
                 x, conv, bn, None, None, backend=backend, dtype=dtype)

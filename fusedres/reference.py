@@ -121,7 +121,10 @@ def scale_bias_act(
     residual scale is given (the projection shortcut's own BN) and r = residual otherwise.
 
     This is train-mode BatchNorm applied to a conv output (`scale`, `bias` come from the
-    batch statistics), plus the block's residual add and ReLU: the block tail.
+    batch statistics), plus the block's residual add and ReLU: the block tail. Without a
+    residual scale the residual may have fewer channels than y: it is added to the first
+    ones and the rest get 0 (the option-A shortcut, given as the subsampled view
+    `x[:, :, ::s, ::s]` of the block input: no zero-padded tensor is made).
     """
     acc = accumulation_dtype(y.dtype)
     out = y.to(acc) * _channel_view(scale.to(acc)) + _channel_view(bias.to(acc))
@@ -130,7 +133,10 @@ def scale_bias_act(
         if residual_scale is not None:
             assert residual_bias is not None
             r = r * _channel_view(residual_scale.to(acc)) + _channel_view(residual_bias.to(acc))
-        out = out + r
+        if r.shape[1] < out.shape[1]:
+            out[:, :r.shape[1]] += r  # out is this function's own fresh tensor
+        else:
+            out = out + r
     if relu:
         out = torch.relu(out)
     return out.to(y.dtype).contiguous(memory_format=suggest_memory_format(y))
@@ -305,7 +311,8 @@ def scale_bias_act_backward(grad: torch.Tensor, out: torch.Tensor | None, y: tor
     for a projection shortcut (residual's dtype and memory format); per channel over
     (N, H, W), in the accumulation dtype (the op casts each to its input's dtype): dscale =
     sum g*y, dbias = dresidual_bias = sum g, dresidual_scale = sum g*residual. None for what
-    is not needed, and for a residual's (scale's) grads without a residual (scale).
+    is not needed, and for a residual's (scale's) grads without a residual (scale). A
+    residual with fewer channels than y gets the first channels of g.
     """
     acc = accumulation_dtype(y.dtype)
     g = (grad.masked_fill(out <= 0, 0) if out is not None else grad).to(acc)
@@ -320,6 +327,7 @@ def scale_bias_act_backward(grad: torch.Tensor, out: torch.Tensor | None, y: tor
     if residual is not None:
         if needs[3]:
             dres = g if residual_scale is None else g * _channel_view(residual_scale.to(acc))
+            dres = dres[:, :residual.shape[1]]  # a narrower (option-A) residual met only the first channels
             grads[3] = dres.to(residual.dtype).contiguous(memory_format=suggest_memory_format(residual))
         if residual_scale is not None and needs[4]:
             grads[4] = (g * residual.to(acc)).sum(dim=dims)

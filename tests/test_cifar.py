@@ -138,6 +138,24 @@ def test_option_a_block_on_triton_float32(mode, stride, inplanes, planes):
     assert_float32_matches_float64(block, ref, x, 4 * (9 * planes) ** 0.5 * torch.finfo(torch.float32).eps)
 
 
+@pytest.mark.parametrize("backend,mode", [("triton", "eval"), ("triton", "train"), ("torch", "train")])
+def test_option_a_makes_no_padded_tensor(backend, mode, monkeypatch):
+    """The option-A shortcut is read unpadded (eval: the conv epilogue on triton; train: the
+    tail adds the strided view to the first channels): F.pad never runs, forward or backward.
+    (The torch backend's eval conv pads: oneDNN's post-op adds a tensor of the output's shape.)"""
+    torch.manual_seed(0)
+    block = randomize_bn(fusedres.BasicBlock(4, 8, 2, backend=backend, shortcut="A")).train(mode == "train")
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+
+    def no_pad(*args, **kwargs):
+        raise AssertionError("F.pad ran: a padded shortcut was made")
+
+    monkeypatch.setattr(torch.nn.functional, "pad", no_pad)
+    out = block(x)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_option_a_structure_state_dict_and_revert():
     block = fusedres.BasicBlock(16, 32, 2, shortcut="A")
     assert isinstance(block.downsample, ZeroPadShortcut)

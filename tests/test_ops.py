@@ -224,6 +224,8 @@ def _bn_args(dtype=torch.float64, requires_grad=False, residual=None):
         r = torch.randn(3, 6, 5, 4, dtype=dtype)
     if residual == "projection":
         rs, rb = torch.randn(6, dtype=acc), torch.randn(6, dtype=acc)
+    if residual == "option_a":  # 4 of 6 channels, a stride-2 view of a (3, 4, 10, 8) block input
+        r = torch.randn(3, 4, 10, 8, dtype=dtype)[:, :, ::2, ::2]
     tensors = [y, scale, bias, r, rs, rb]
     if requires_grad:
         for t in tensors:
@@ -232,13 +234,49 @@ def _bn_args(dtype=torch.float64, requires_grad=False, residual=None):
     return tensors
 
 
-@pytest.mark.parametrize("residual", [None, "identity", "projection"])
+@pytest.mark.parametrize("residual", [None, "identity", "projection", "option_a"])
 @pytest.mark.parametrize("relu", [True, False])
 def test_scale_bias_act_opcheck_and_gradcheck(residual, relu):
     tensors = _bn_args(requires_grad=True, residual=residual)
     torch.library.opcheck(torch.ops.fusedres.scale_bias_act.default, (*tensors, relu, "torch"))
     assert torch.autograd.gradcheck(lambda *t: fusedres.ops.scale_bias_act(*t, relu, "torch"),
                                     [t for t in tensors], eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"] + ([] if ext.load_error() else ["cuda"]))
+@pytest.mark.parametrize("relu", [True, False])
+def test_scale_bias_act_option_a_residual(backend, relu):
+    """A residual with fewer channels (the option-A shortcut's strided view of the block
+    input, 4 of 6 channels) adds to the first channels only: against F.pad of that view in
+    float64, forward and every gradient; the residual's gradient reaches the block input at
+    the strided positions and is 0 elsewhere. Elementwise math: float32 within 4 eps."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    y, scale, bias, r, _, _ = _bn_args(residual="option_a")
+    x = r._base.requires_grad_()
+    ours = [t.detach().to(dtype if t.dim() == 4 else t.dtype).requires_grad_() for t in (y, scale, bias, x)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fusedres.ops.scale_bias_act(*ours[:3], ours[3][:, :, ::2, ::2], None, None, relu, backend)
+    args64 = [t.requires_grad_() for t in (y, scale, bias)]
+    padded = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, 2))
+    expected = reference.scale_bias_act(*args64, padded, None, None, relu)
+    tol = 1e-15 if dtype == torch.float64 else 4 * torch.finfo(torch.float32).eps
+    assert (out.double() - expected).abs().max().item() <= tol * expected.abs().max().item()
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.to(dtype))
+    expected.backward(g)
+    for name, mine, theirs in zip(("y", "scale", "bias", "x"), ours, (*args64, x)):
+        err = (mine.grad.double() - theirs.grad).abs().max().item()
+        assert err <= 8 * 60 * tol * theirs.grad.abs().max().item(), (name, err)  # sums over 60 values
+    assert torch.equal(ours[3].grad[:, :, 1::2] != 0, torch.zeros_like(x[:, :, 1::2], dtype=torch.bool))
+
+
+def test_scale_bias_act_narrow_residual_with_a_scale_is_refused():
+    """Only a residual without its own BN may be narrower than y (option A has no BN)."""
+    y, scale, bias, _, rs, rb = _bn_args(dtype=torch.float32, residual="projection")
+    r = torch.randn(3, 4, 5, 4)
+    with pytest.raises(UnsupportedInputError, match="residual has shape"):
+        fusedres.ops.scale_bias_act(y, scale, bias, r, rs[:4], rb[:4], True, "triton")
 
 
 def test_bn_stats_opcheck_gradcheck_and_values():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from fusedres import ext, reference
 from fusedres.backends.inputs import ConvInputs, ConvStatsInputs, FinalizeInputs, StatsInputs, Support, TailInputs
@@ -75,7 +76,12 @@ class CudaBackend(TorchBackend):
 
     def scale_bias_act(self, inputs):
         i = inputs
-        return ext_ops.ext_scale_bias_act(i.y, i.scale, i.bias, i.residual, i.residual_scale, i.residual_bias, i.relu)
+        residual = i.residual
+        if i.narrow_residual():  # the extension's tail reads a residual of y's shape: pad it (a copy)
+            log_once("fusedres: the cuda backend's tail pads the option-A shortcut to y's channels (a copy); "
+                     "the triton and torch backends add it unpadded", logging.INFO)
+            residual = F.pad(residual, (0, 0, 0, 0, 0, i.y.shape[1] - residual.shape[1]))
+        return ext_ops.ext_scale_bias_act(i.y, i.scale, i.bias, residual, i.residual_scale, i.residual_bias, i.relu)
 
     def bn_finalize(self, inputs):
         i = inputs
@@ -109,10 +115,14 @@ class CudaBackend(TorchBackend):
         if out is not None and mask is None:  # an empty y gets no mask: the ReLU output was saved instead
             return super().scale_bias_act_backward(grad, out, y, scale, residual, residual_scale, needs)
         need_dres = bool(needs[3]) and residual is not None
+        narrow = residual is not None and residual.shape[1] < y.shape[1]
+        # Without residual_scale the kernel reads no residual value (dresidual = g), so y stands
+        # in for a narrower (option-A) residual and dresidual keeps its first channels.
         dy, dscale, dbias, dres, dres_scale = ext_ops.ext_scale_bias_act_backward(
-            grad, mask, y, scale, residual, residual_scale, bool(needs[0]), need_dres)
+            grad, mask, y, scale, y if narrow else residual, residual_scale, bool(needs[0]), need_dres)
         if need_dres:
-            dres = dres.to(residual.dtype).contiguous(memory_format=reference.suggest_memory_format(residual))
+            dres = dres[:, :residual.shape[1]].to(residual.dtype).contiguous(
+                memory_format=reference.suggest_memory_format(residual))
         has_scale = residual_scale is not None
         return ((dy if needs[0] else None), (dscale if needs[1] else None), (dbias if needs[2] else None),
                 (dres if need_dres else None), (dres_scale if needs[4] and has_scale else None),

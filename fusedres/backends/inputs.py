@@ -121,7 +121,8 @@ class StatsInputs(OpInputs):
 @_op_inputs
 class TailInputs(OpInputs):
     """fusedres::scale_bias_act, the block tail: act(y*scale + bias + r), r = residual or
-    residual*residual_scale + residual_bias."""
+    residual*residual_scale + residual_bias. The residual has y's shape, or fewer channels
+    without a residual scale (`narrow_residual`: option A, where the rest add 0)."""
 
     op: ClassVar[str] = "scale_bias_act"
     main: ClassVar[str] = "y"
@@ -134,14 +135,21 @@ class TailInputs(OpInputs):
     residual_bias: Tensor | None
     relu: bool
 
+    def narrow_residual(self) -> bool:
+        """Whether the residual is an option-A shortcut's: y's batch and spatial size with fewer
+        channels (the rest add 0) and no residual scale."""
+        r, y = self.residual, self.y
+        return (r is not None and self.residual_scale is None and r.dim() == 4 and y.dim() == 4
+                and r.shape[1] < y.shape[1] and (r.shape[0], *r.shape[2:]) == (y.shape[0], *y.shape[2:]))
+
     def shape_reasons(self) -> list[str]:
         reasons = _activation_reasons(self.y)
         if reasons:
             return reasons
         for name, t in self.named_tensors()[1:]:
-            if name == "residual" and t.shape != self.y.shape:
+            if name == "residual" and t.shape != self.y.shape and not self.narrow_residual():
                 reasons.append(f"residual has shape {tuple(t.shape)}, not y's {tuple(self.y.shape)} (the kernels "
-                               f"do not broadcast)")
+                               f"do not broadcast; only a residual without residual_scale may have fewer channels)")
             elif name != "residual" and t.numel() != self.y.shape[1]:
                 reasons.append(f"{name} has {t.numel()} elements, not one per channel ({self.y.shape[1]})")
         return reasons

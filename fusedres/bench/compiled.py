@@ -268,6 +268,10 @@ def _bn_launches(dtype: torch.dtype, sink: list, subset: bool) -> list[tuple[int
         tbn.bn_stats(y)
         tbn.scale_bias_act(y, scale, vec_, residual=y, residual_scale=scale, residual_bias=vec_, relu=True)
         tbn.scale_bias_act_backward(y, y, y, scale, y, scale, [True] * 6)
+        # The option-A shortcut: a stride-2 view of the block input with half the channels.
+        narrow = _nhwc(256, c // 2, 2 * h, 2 * h, dtype=dtype)[:, :, ::2, ::2]
+        tbn.scale_bias_act(y, scale, vec_, residual=narrow, relu=True)
+        tbn.scale_bias_act_backward(y, y, y, scale, narrow, None, [True, True, True, True, False, False])
         if not subset:
             tbn.scale_bias_act(y, scale, vec_, relu=True)
             tbn.scale_bias_act(y, scale, vec_, residual=y, relu=True)

@@ -14,7 +14,9 @@ small kernel reduces those rows in a fixed order, so results are deterministic.
   (m0, sum(d)/n) so that a large mean keeps its low bits. The combine kernel merges the
   tiles in fp64 with Chan et al.'s parallel formula in its two-pass form:
   mean = sum(n_i*mean_i)/M, M2 = sum(M2_i + n_i*(mean_i - mean)^2).
-* `scale_bias_act`: out = relu?(y*scale + bias + r), one elementwise pass.
+* `scale_bias_act`: out = relu?(y*scale + bias + r), one elementwise pass. A residual that
+  is not y's channels_last twin (another layout, or the option-A shortcut's subsampled view
+  of the block input with fewer channels) is read through its strides, not copied.
 * `scale_bias_act_backward`: one pass over grad/out/y/residual writes dy and dresidual and
   the tile's partial sums of g*y, g and g*residual (only those asked for); a column-sum
   kernel adds the partials up in fp64.
@@ -73,15 +75,32 @@ def _stats_partial_kernel(y_ptr, m0_ptr, dm_ptr, m2_ptr, M, C,
 
 
 @triton.jit
+def _residual_tile(pid_m, cols, mask, H, W, CR, r_sn, r_sc, r_sh, r_sw, BLOCK_M: tl.constexpr):
+    """Offsets and mask of this tile's residual elements when the residual is a strided view
+    (the option-A shortcut `x[:, :, ::s, ::s]`) with CR <= C channels: row m = (n, h, w) reads
+    residual[n, c, h, w] through its strides, and channels c >= CR add nothing."""
+    rws = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = rws // (H * W)
+    hw = rws % (H * W)
+    base = n * r_sn + (hw // W) * r_sh + (hw % W) * r_sw
+    return base[:, None] + cols[None, :].to(tl.int64) * r_sc, mask & (cols < CR)[None, :]
+
+
+@triton.jit
 def _sba_forward_kernel(y_ptr, scale_ptr, bias_ptr, r_ptr, rs_ptr, rb_ptr, out_ptr, M, C,
-                        HAS_RES: tl.constexpr, RES_AFFINE: tl.constexpr, RELU: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    _, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
+                        H, W, CR, r_sn, r_sc, r_sh, r_sw,
+                        HAS_RES: tl.constexpr, RES_AFFINE: tl.constexpr, RES_STRIDED: tl.constexpr,
+                        RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_m, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
     bias = tl.load(bias_ptr + cols, mask=mask_c, other=0.0)
     acc = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + bias[None, :]
     if HAS_RES:
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RES_STRIDED:
+            r_offs, r_mask = _residual_tile(pid_m, cols, mask, H, W, CR, r_sn, r_sc, r_sh, r_sw, BLOCK_M)
+        else:
+            r_offs, r_mask = offs, mask
+        r = tl.load(r_ptr + r_offs, mask=r_mask, other=0.0).to(tl.float32)
         if RES_AFFINE:
             rs = tl.load(rs_ptr + cols, mask=mask_c, other=0.0)
             rb = tl.load(rb_ptr + cols, mask=mask_c, other=0.0)
@@ -94,9 +113,10 @@ def _sba_forward_kernel(y_ptr, scale_ptr, bias_ptr, r_ptr, rs_ptr, rb_ptr, out_p
 
 @triton.jit
 def _sba_backward_kernel(g_ptr, out_ptr, y_ptr, scale_ptr, r_ptr, rs_ptr, dy_ptr, dr_ptr, part_ptr, M, C,
-                         RELU: tl.constexpr, RES_AFFINE: tl.constexpr, NEED_DY: tl.constexpr,
-                         NEED_DR: tl.constexpr, SLOT_GY: tl.constexpr, SLOT_G: tl.constexpr,
-                         SLOT_GR: tl.constexpr, NR: tl.constexpr,
+                         H, W, CR, r_sn, r_sc, r_sh, r_sw,
+                         RELU: tl.constexpr, RES_AFFINE: tl.constexpr, RES_STRIDED: tl.constexpr,
+                         NEED_DY: tl.constexpr, NEED_DR: tl.constexpr, SLOT_GY: tl.constexpr,
+                         SLOT_G: tl.constexpr, SLOT_GR: tl.constexpr, NR: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_m, cols, mask_c, mask, offs = tile(M, C, BLOCK_M, BLOCK_C)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -106,12 +126,20 @@ def _sba_backward_kernel(g_ptr, out_ptr, y_ptr, scale_ptr, r_ptr, rs_ptr, dy_ptr
     if NEED_DY:
         scale = tl.load(scale_ptr + cols, mask=mask_c, other=0.0)
         tl.store(dy_ptr + offs, (g * scale[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+    # dresidual is a fresh channels_last tensor of the residual's shape (CR channels); a
+    # strided residual is read through its strides.
+    if RES_STRIDED:
+        r_offs, r_mask = _residual_tile(pid_m, cols, mask, H, W, CR, r_sn, r_sc, r_sh, r_sw, BLOCK_M)
+        rws = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dr_offs = rws[:, None] * CR + cols[None, :]
+    else:
+        r_offs, r_mask, dr_offs = offs, mask, offs
     if NEED_DR:
         if RES_AFFINE:
             rs = tl.load(rs_ptr + cols, mask=mask_c, other=0.0)
-            tl.store(dr_ptr + offs, (g * rs[None, :]).to(dr_ptr.dtype.element_ty), mask=mask)
+            tl.store(dr_ptr + dr_offs, (g * rs[None, :]).to(dr_ptr.dtype.element_ty), mask=r_mask)
         else:
-            tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=mask)
+            tl.store(dr_ptr + dr_offs, g.to(dr_ptr.dtype.element_ty), mask=r_mask)
     part = part_ptr + pid_m * (NR * C) + cols
     if SLOT_GY >= 0:
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -119,7 +147,7 @@ def _sba_backward_kernel(g_ptr, out_ptr, y_ptr, scale_ptr, r_ptr, rs_ptr, dy_ptr
     if SLOT_G >= 0:
         tl.store(part + SLOT_G * C, tl.sum(g, axis=0), mask=mask_c)
     if SLOT_GR >= 0:
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + r_offs, mask=r_mask, other=0.0).to(tl.float32)
         tl.store(part + SLOT_GR * C, tl.sum(g * r, axis=0), mask=mask_c)
 
 
@@ -162,6 +190,28 @@ def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+class _Residual:
+    """How the tail kernels read a residual: as y's row-major matrix when it is a
+    channels_last tensor of y's shape, else through its own strides (`RES_STRIDED`: any
+    layout, and a narrower residual whose channels beyond its own add 0, the option-A
+    shortcut's subsampled view of the block input). No copy either way."""
+
+    def __init__(self, residual: torch.Tensor | None, y: torch.Tensor, affine: bool):
+        self.tensor, self.strided, self.layout = residual, False, (0, 0, 0, 0, 0)
+        if residual is None:
+            return
+        common.check_activation("residual", residual)
+        n, c, h, w = y.shape
+        rn, rc, rh, rw = residual.shape
+        if (rn, rh, rw) != (n, h, w) or rc > c or (affine and rc != c):
+            need = "y's shape" if affine else f"(N, C_r, H, W) with C_r <= {c}"
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {need} for y of shape "
+                             f"{tuple(y.shape)}")
+        self.strided = rc != c or not residual.is_contiguous(memory_format=CL)
+        if self.strided:
+            self.layout = (rc, *residual.stride())
+
+
 def scale_bias_act(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
                    residual_scale: torch.Tensor | None = None, residual_bias: torch.Tensor | None = None,
                    relu: bool = False) -> torch.Tensor:
@@ -176,9 +226,9 @@ def scale_bias_act(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, res
     elif residual_scale is not None and residual_bias is None:
         raise ValueError("residual_scale needs residual_bias")
     res_t = rs_t = rb_t = scale_t
+    res = _Residual(residual, y, residual_scale is not None)
     if residual is not None:
-        common.check_activation("residual", residual, y.shape)
-        res_t = common.rows(residual)
+        res_t = res.tensor
         if residual_scale is not None:
             rs_t = common.channels("residual_scale", residual_scale, c, y.device)
             rb_t = common.channels("residual_bias", residual_bias, c, y.device)
@@ -186,9 +236,9 @@ def scale_bias_act(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, res
     m = n * h * w
     if m and c:
         grid, meta = common.elementwise_launch(m, c)
-        _sba_forward_kernel[grid](common.rows(y), scale_t, bias_t, res_t, rs_t, rb_t, out, m, c,
-                                  HAS_RES=residual is not None, RES_AFFINE=residual_scale is not None, RELU=relu,
-                                  **meta)
+        _sba_forward_kernel[grid](common.rows(y), scale_t, bias_t, res_t, rs_t, rb_t, out, m, c, h, w, *res.layout,
+                                  HAS_RES=residual is not None, RES_AFFINE=residual_scale is not None,
+                                  RES_STRIDED=res.strided, RELU=relu, **meta)
     return _as_reference_format(out, y)
 
 
@@ -225,9 +275,9 @@ def scale_bias_act_backward(grad: torch.Tensor, out: torch.Tensor | None, y: tor
     scale_t = common.channels("scale", scale, c, y.device)
     rs_t = scale_t
     res_t = y
+    res = _Residual(residual, y, residual_scale is not None)
     if residual is not None:
-        common.check_activation("residual", residual, y.shape)
-        res_t = common.rows(residual) if need_dr or need_gr else residual
+        res_t = residual
         if residual_scale is not None:
             rs_t = common.channels("residual_scale", residual_scale, c, y.device)
     dy = common.like(y) if need_dy else None
@@ -239,8 +289,9 @@ def scale_bias_act_backward(grad: torch.Tensor, out: torch.Tensor | None, y: tor
         part = sums.partials(grid[0], y_t)
         _sba_backward_kernel[grid](
             common.rows(grad), common.rows(out) if out is not None else y_t, y_t, scale_t, res_t, rs_t,
-            dy if dy is not None else y_t, dr if dr is not None else y_t, part, m, c,
-            RELU=out is not None, RES_AFFINE=residual_scale is not None, NEED_DY=need_dy, NEED_DR=need_dr,
+            dy if dy is not None else y_t, dr if dr is not None else y_t, part, m, c, h, w, *res.layout,
+            RELU=out is not None, RES_AFFINE=residual_scale is not None, RES_STRIDED=res.strided,
+            NEED_DY=need_dy, NEED_DR=need_dr,
             SLOT_GY=sums.slot("gy"), SLOT_G=sums.slot("g"), SLOT_GR=sums.slot("gr"), NR=sums.nr, **meta)
         sums.reduce(part)
     else:
