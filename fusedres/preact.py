@@ -14,11 +14,14 @@ BiT models, another activation, an active DropPath) makes the block run timm's f
 
 Paths, chosen as the plain blocks' are:
 
-* every norm with batch statistics (training): the "genstats" chain. `bn_stats` of x; each
-  conv is a `conv_bn_stats` that applies the previous norm (its batch statistics) and the
-  ReLU in its prologue while loading its input, and returns its raw output with that
-  output's batch statistics for the next norm; the projection shortcut is such a conv on
-  x with norm1 in its prologue; one add ends the block. No normalised activation is written.
+* every norm with batch statistics (training): the "genstats" chain. norm1's statistics of
+  x come from the previous block (`fusedres.handoff`: its last conv computed them) when x
+  is that block's output, unchanged, else from a `bn_stats` pass; each conv is a
+  `conv_bn_stats` that applies the previous norm (its batch statistics) and the ReLU in
+  its prologue while loading its input, and returns its raw output with that output's
+  batch statistics for the next norm; the projection shortcut is such a conv on x with
+  norm1 in its prologue; the last conv adds the shortcut in its epilogue, and the sum's
+  statistics go to the next block. No normalised activation is written.
 * otherwise (eval): each conv_k with norm_{k+1} folded into its weights and the ReLU in its
   epilogue (`conv_bias_act`), the last conv with the shortcut added in its epilogue. norm1
   cannot fold across its ReLU into conv1, so conv1 applies it in its prologue
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedres import ops, reference
+from fusedres import handoff, ops, reference
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.blocks import check_block_input, compute_dtype, conv_reasons, conv_stats_scale_bias, inactive
@@ -269,22 +272,33 @@ class PreActBlockMixin:
         xc = x.to(dtype)
         count = xc.numel() // xc.shape[1]
         check_count(count, tuple(xc.shape), where, self.norm1)
-        mean, var = ops.bn_stats(xc, backend)
+        # norm1's statistics: from the previous block's last conv when x is its output, unchanged.
+        stats = handoff.recall(x)
+        if stats is not None and xc is x:
+            mean, var = ops.bn_stats_of(xc, *stats, backend)
+        else:
+            mean, var = ops.bn_stats(xc, backend)
         scale1, shift1 = scale_bias_from_stats(mean, var, count, self.norm1, backend, where)
         y, scale, shift = xc, scale1, shift1
         convs, norms = self._convs, self._norms
         for conv, norm in zip(convs[:-1], norms[1:]):
             y, scale, shift = conv_stats_scale_bias(y, conv, norm, scale, shift, backend, dtype, where)
         last = convs[-1]
-        # The last conv's (and the projection's) statistics are not needed: their epilogue is wasted.
-        out, _, _ = ops.conv_bn_stats(y, last.weight.to(dtype), scale, shift, True, *_conv_args(last), backend)
         projection = self._projection()
-        if projection is None:
-            return out + x
-        conv = projection[1]
-        shortcut, _, _ = ops.conv_bn_stats(xc, conv.weight.to(dtype), scale1, shift1, True, *_conv_args(conv),
-                                           backend)
-        return out + shortcut
+        shortcut = x
+        if projection is not None:  # (its statistics are not needed: that epilogue is wasted)
+            conv = projection[1]
+            shortcut, _, _ = ops.conv_bn_stats(xc, conv.weight.to(dtype), scale1, shift1, True, *_conv_args(conv),
+                                               backend)
+        if shortcut.dtype != dtype:  # autocast: timm's add promotes to the wider dtype
+            out, _, _ = ops.conv_bn_stats(y, last.weight.to(dtype), scale, shift, True, *_conv_args(last), backend)
+            return out + shortcut
+        # The last conv adds the shortcut in its epilogue, and the sum's statistics are the
+        # next block's norm1's (fusedres.handoff).
+        out, mean, var = ops.conv_bn_stats(y, last.weight.to(dtype), scale, shift, True, *_conv_args(last), backend,
+                                           residual=shortcut)
+        handoff.remember(out, mean, var)
+        return out
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -162,16 +162,24 @@ def conv_bn_stats(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, var): y = conv(P(x), weight) and the batch statistics of y (see `bn_stats`).
+    """(y, mean, var): y = conv(P(x), weight) (+ residual) and the batch statistics of y (see
+    `bn_stats`).
 
     P is the previous BatchNorm (+ ReLU) as a `prologue` when `in_scale`/`in_shift` are
     given, else the identity; the conv pads P(x) with zeros. This is one train-mode
     conv of a block: the normalised input is never materialised, and the statistics the
-    next BatchNorm needs come out with the conv output (the cuDNN "genstats" scheme).
+    next BatchNorm needs come out with the conv output (the cuDNN "genstats" scheme). A
+    residual (of y's shape) is added in the accumulation dtype before y is rounded: a
+    pre-activation block's last conv and shortcut, whose sum's statistics are the next
+    block's first BN's.
     """
     a = x if in_scale is None else prologue(x, in_scale, in_shift, prologue_relu)
     y = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+    if residual is not None:
+        acc = accumulation_dtype(y.dtype)
+        y = (y.to(acc) + residual.to(acc)).to(y.dtype)
     y = y.contiguous(memory_format=conv_output_memory_format(x, weight))
     mean, var = bn_stats(y)
     return y, mean, var

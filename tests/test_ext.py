@@ -322,7 +322,7 @@ def test_public_conv_bn_stats_opcheck_and_gradcheck_on_cuda_backend(prologue, la
         s, t = (torch.randn(4, dtype=torch.float64).requires_grad_() for _ in range(2))
     conv = ([2, 1], [1, 1], [1, 1], 1)
     args = (x, w, s, t, prologue == "relu", *conv)
-    torch.library.opcheck(torch.ops.fusedres.conv_bn_stats.default, (*args, "cuda"))
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_stats.default, (*args, None, "cuda"))
     inputs = [a for a in (x, w, s, t) if a is not None]
 
     def fn(*ts):

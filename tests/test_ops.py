@@ -288,6 +288,28 @@ def test_bn_stats_opcheck_gradcheck_and_values():
     torch.testing.assert_close(var, y.var(dim=(0, 2, 3), unbiased=False))
 
 
+def test_conv_bn_stats_with_a_residual_hands_statistics_to_bn_stats_of():
+    """With a residual (a pre-activation block's last conv), conv_bn_stats' statistics come
+    without a gradient and y is not saved (the user may change it in place); bn_stats_of
+    gives them bn_stats' gradient in y: values and gradients as bn_stats(y) itself."""
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 6, 6, 5, dtype=torch.float64, requires_grad=True)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    y, mean, var = fusedres.ops.conv_bn_stats(x, w, None, None, False, *conv, "torch", r)
+    assert y.requires_grad and not mean.requires_grad and not var.requires_grad
+    torch.library.opcheck(torch.ops.fusedres.bn_stats_of.default, (y.detach().requires_grad_(), mean, var, "torch"))
+    y.mul_(1.0)  # an in-place change of the block output leaves y's own backward intact
+    got = fusedres.ops.bn_stats_of(y, mean, var, "torch")
+    want = fusedres.ops.bn_stats(y, "torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got[0].sum() * 3 + got[1].sum() + y.square().sum(), (x, w, r), retain_graph=True)
+    wants = torch.autograd.grad(want[0].sum() * 3 + want[1].sum() + y.square().sum(), (x, w, r))
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bn_stats_accumulate_in_float32(dtype):
     y = torch.randn(4, 3, 16, 16).to(dtype) + 100

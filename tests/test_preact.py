@@ -91,6 +91,45 @@ def test_training_takes_the_statistics_chain():
     assert stats.call_count == 4 * 2 + projections and sba.call_count == 0
 
 
+def test_norm1_statistics_come_from_the_previous_block():
+    """Only the first block reads its input for norm1's statistics (bn_stats); every later
+    block takes those its predecessor's last conv computed with the shortcut added
+    (fusedres.handoff). The parity tests above run this path against timm."""
+    fused = _convert(_narrow("bottleneck"))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with mock.patch.object(preact.ops, "bn_stats", wraps=preact.ops.bn_stats) as bn_stats:
+        fused.train()(x)
+    assert bn_stats.call_count == 1
+
+
+def test_a_changed_block_output_gets_fresh_statistics():
+    """An in-place change of a block's output between two blocks (its version moves), or another
+    tensor, makes the next block compute norm1's statistics itself: the result and gradients
+    match running the same two blocks with nothing handed on."""
+    torch.manual_seed(0)
+    first, second = (fusedres.PreActBasicBlock(8, 8, backend="torch").double().train() for _ in range(2))
+    randomize_bn_seeded(first, 1), randomize_bn_seeded(second, 2)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run(change):
+        out = first(x)
+        if change:
+            out = out.mul_(1.5) if change == "in-place" else out * 1.5
+        return second(out)
+
+    for change in (None, "in-place", "new tensor"):
+        with mock.patch.object(preact.ops, "bn_stats", wraps=preact.ops.bn_stats) as bn_stats:
+            got = run(change)
+        # The first block's pass over x; the second's own only after a change.
+        assert bn_stats.call_count == (1 if change is None else 2), change
+        (gx,) = torch.autograd.grad(got.sum(), x)
+        with mock.patch.object(preact.handoff, "recall", return_value=None):
+            want = run(change)
+        (wx,) = torch.autograd.grad(want.sum(), x)
+        assert_close_scaled(got, want, 1e-12, str(change))
+        assert_close_scaled(gx, wx, 1e-12, str(change))
+
+
 def test_frozen_norms_train_like_timm():
     """Norms in eval mode inside a training model: the general path (folded convs), gradients too."""
     model = _narrow("bottleneck")

@@ -13,18 +13,20 @@ from fusedres import ops
 
 
 def _args(prologue=True, relu=True, groups=1, stride=1, padding=1, channels_last=False, dtype=torch.float64,
-          requires_grad=True):
+          requires_grad=True, residual=False):
     x = torch.randn(2, 8, 7, 9, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(12, 8 // groups, 3, 3, dtype=dtype) * 0.3
     scale = torch.rand(8, dtype=dtype) + 0.5 if prologue else None
     shift = torch.randn(8, dtype=dtype) * 0.5 if prologue else None
-    tensors = [x, w, scale, shift]
+    out_shape = torch.nn.functional.conv2d(x, w, None, stride, padding, 1, groups).shape
+    r = torch.randn(out_shape, dtype=dtype) if residual else None
+    tensors = [x, w, scale, shift, r]
     for t in tensors:
         if t is not None:
             t.requires_grad_(requires_grad)
-    return (*tensors, relu, [stride, stride], [padding, padding], [1, 1], groups)
+    return (*tensors[:4], relu, [stride, stride], [padding, padding], [1, 1], groups, r)
 
 
 CASES = [
@@ -33,24 +35,30 @@ CASES = [
     pytest.param({"prologue": False}, id="no-prologue"),
     pytest.param({"groups": 4, "stride": 2}, id="groups-stride2"),
     pytest.param({"channels_last": True, "padding": 0}, id="channels_last"),
+    pytest.param({"residual": True, "stride": 2}, id="residual"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_conv_bn_stats_opcheck(case):
     torch.library.opcheck(torch.ops.fusedres.conv_bn_stats.default, (*_args(**case), "torch"))
+    if case.get("residual"):
+        args = _args(**case)
+        with pytest.raises(ValueError, match="residual has shape"):
+            ops.conv_bn_stats(*args[:9], "torch", args[9][:, :, :1])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_conv_bn_stats_gradcheck(case):
     args = _args(**case)
-    tensors, rest = [t for t in args[:4] if t is not None], args[4:]
-    prologue = args[2] is not None
+    tensors, rest = [t for t in (*args[:4], args[9]) if t is not None], args[4:9]
+    prologue, residual = args[2] is not None, args[9] is not None
 
     def fn(*ts):
         x, w, *ss = ts
+        r = ss.pop() if residual else None
         scale, shift = ss if prologue else (None, None)
-        y, mean, var = ops.conv_bn_stats(x, w, scale, shift, *rest, "torch")
+        y, mean, var = ops.conv_bn_stats(x, w, scale, shift, *rest, "torch", r)
         # Weight the outputs so that every gradient path (y, mean, var) matters.
         return y * torch.linspace(0.5, 1.5, y.numel(), dtype=y.dtype).reshape(y.shape), mean * 3, var * 2
 
@@ -58,10 +66,10 @@ def test_conv_bn_stats_gradcheck(case):
 
 
 def test_conv_bn_stats_matches_reference_definition():
-    x, w, scale, shift, relu, stride, padding, dilation, groups = _args(requires_grad=False)
-    y, mean, var = ops.conv_bn_stats(x, w, scale, shift, relu, stride, padding, dilation, groups, "torch")
+    x, w, scale, shift, relu, stride, padding, dilation, groups, r = _args(requires_grad=False, residual=True)
+    y, mean, var = ops.conv_bn_stats(x, w, scale, shift, relu, stride, padding, dilation, groups, "torch", r)
     a = torch.relu(x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
-    expected = torch.nn.functional.conv2d(a, w, None, stride, padding, dilation, groups)
+    expected = torch.nn.functional.conv2d(a, w, None, stride, padding, dilation, groups) + r
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mean, expected.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, expected.var(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)

@@ -309,10 +309,10 @@ def _bad_stats(**overrides):
     pytest.param(_bad(bias=torch.randn(8, device="meta")), ValueError, "bias is on meta", id="device"),
     pytest.param(_bad(x=torch.randn(1, 8, 2, 2)), ValueError, "output size .* is empty", id="too-small"),
     pytest.param(_bad(out=torch.empty(1, 8, 3, 3)), ValueError, "channels_last-contiguous", id="out-format"),
-    # conv_bn_stats computes the statistics of the plain conv output: it takes no epilogue.
+    # conv_bn_stats computes the statistics of the conv output (+ a residual): no other epilogue.
     pytest.param(_bad_stats(bias=torch.randn(8)), TypeError, "unexpected keyword argument 'bias'", id="stats-bias"),
-    pytest.param(_bad_stats(residual=torch.randn(1, 8, 3, 3)), TypeError, "unexpected keyword argument 'residual'",
-                 id="stats-residual"),
+    pytest.param(_bad_stats(residual=torch.randn(1, 8, 5, 5)), ValueError,
+                 r"residual has shape \(1, 8, 5, 5\), expected the output shape \(1, 8, 3, 3\)", id="stats-residual"),
     pytest.param(_bad_stats(shortcut_x=torch.randn(1, 4, 3, 3)), TypeError,
                  "unexpected keyword argument 'shortcut_x'", id="stats-shortcut"),
     pytest.param(_bad_stats(relu=True), TypeError, "unexpected keyword argument 'relu'", id="stats-relu"),
@@ -445,6 +445,32 @@ def _check_stats(cfg, dtype):
 @pytest.mark.parametrize("cfg", _params(STATS_CASES))
 def test_stats_matches_reference(cfg, dtype):
     _check_stats(cfg, dtype)
+
+
+@pytest.mark.usefixtures("_poisoned")
+@pytest.mark.parametrize("cfg", _params(STATS_CASES, "3x3-prologue-relu-M70", "1x1-s2-flat-M90"))
+def test_stats_with_a_residual(cfg):
+    """y = conv(P(x), w) + residual (a pre-activation block's last conv and shortcut) and the
+    statistics of that sum: y within the conv's bound plus one rounding of the sum
+    (eps32*|residual|), the statistics against those of the stored y (bounds of 1 above)."""
+    t = _inputs(cfg, torch.float32)
+    a = _conv_args(cfg)
+    d = {k: None if v is None else v.double() for k, v in t.items()}
+    conv = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"])
+    y_conv, _, _ = reference.conv_bn_stats(d["x"], d["weight"], d["in_scale"], d["in_shift"],
+                                           cfg["prologue"] == "relu", *conv)
+    r = torch.randn(y_conv.shape, device=DEVICE) * 3
+    y, mean, var = tconv.conv_bn_stats(t["x"], t["weight"], t["in_scale"], t["in_shift"], cfg["prologue"] == "relu",
+                                       *conv, r)
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output elements"
+    b = _tolerance_factor(cfg, torch.float32, INTERPRET) * _reference(t, cfg, absolute=True)
+    _assert_within("y", y, y_conv + r.double(), b + EPS[torch.float32] * r.double().abs())
+    mean_y, var_y, bm, bv, _ = _stats_bounds(y.double())
+    _assert_within("mean vs stats of stored y", mean, mean_y, bm)
+    _assert_within("var vs stats of stored y", var, var_y, bv)
+    with pytest.raises(ValueError, match="residual has shape"):
+        tconv.conv_bn_stats(t["x"], t["weight"], t["in_scale"], t["in_shift"], cfg["prologue"] == "relu", *conv,
+                            r[:, :1])
 
 
 @pytest.mark.parametrize("cfg", _params(STATS_CASES, "1x1-nchw-M70", "3x3-s2-g4-flat-M70"))

@@ -85,6 +85,9 @@ class Backend:
         i = inputs
         a = i.x if i.in_scale is None else self.prologue(i.x, i.in_scale, i.in_shift, i.prologue_relu)
         y = F.conv2d(a, i.weight, None, i.stride, i.padding, i.dilation, i.groups)
+        if i.residual is not None:  # as the reference: added in the accumulation dtype, then rounded
+            acc = reference.accumulation_dtype(y.dtype)
+            y = (y.to(acc) + i.residual.to(acc)).to(y.dtype)
         y = y.contiguous(memory_format=reference.conv_output_memory_format(i.x, i.weight))
         return (y, *self.bn_stats(StatsInputs(y)))
 

@@ -88,7 +88,9 @@ class ConvInputs(OpInputs):
 
 @_op_inputs
 class ConvStatsInputs(OpInputs):
-    """fusedres::conv_bn_stats: y = conv(relu?(x*in_scale + in_shift), weight) and y's batch statistics."""
+    """fusedres::conv_bn_stats: y = conv(relu?(x*in_scale + in_shift), weight) + residual and
+    y's batch statistics (a residual: a pre-activation block's output, whose statistics are
+    the next block's first BN's)."""
 
     op: ClassVar[str] = "conv_bn_stats"
     main: ClassVar[str] = "x"
@@ -103,6 +105,7 @@ class ConvStatsInputs(OpInputs):
     padding: list[int]
     dilation: list[int]
     groups: int
+    residual: Tensor | None = None
 
 
 @_op_inputs

@@ -206,8 +206,7 @@ class TritonBackend(Backend):
         from fusedres.triton import conv as tconv
 
         i = inputs
-        y, mean, var = _on_device(i.x, tconv.conv_bn_stats, i.x, i.weight, i.in_scale, i.in_shift, i.prologue_relu,
-                                  i.stride, i.padding, i.dilation, i.groups)
+        y, mean, var = _on_device(i.x, tconv.conv_bn_stats, *i.args())
         if reference.conv_output_memory_format(i.x, i.weight) != torch.channels_last:
             y = y.contiguous()
         return y, mean, var

@@ -225,6 +225,9 @@ def _conv_launches(dtype: torch.dtype, dname: str, sink: list, subset: bool) -> 
         else:
             run(conv, "train prologue+relu+stats", check, in_scale=_vec(conv.c), in_shift=_vec(conv.c),
                 prologue_relu=True, stats=True)
+        if role == "conv3":  # a pre-activation block's last conv: shortcut added, the sum's statistics
+            run(conv, "train prologue+relu+res+stats", check, in_scale=_vec(conv.c), in_shift=_vec(conv.c),
+                prologue_relu=True, residual=out, stats=True)
     for conv in grouped:
         run(conv, "eval bias+relu", False, bias=_vec(conv.oc), relu=True)
         run(conv, "train prologue+relu+stats", False, in_scale=_vec(conv.c), in_shift=_vec(conv.c),

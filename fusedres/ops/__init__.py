@@ -28,8 +28,8 @@ per-channel partial sums) are in `fusedres/triton/common.py`; the semantics, for
 backward, in `fusedres/reference.py`.
 """
 
-from fusedres.ops.bn import bn_stats, scale_bias_act
+from fusedres.ops.bn import bn_stats, bn_stats_of, scale_bias_act
 from fusedres.ops.conv import conv_bias_act
 from fusedres.ops.conv_train import conv_bn_stats
 
-__all__ = ["bn_stats", "conv_bias_act", "conv_bn_stats", "scale_bias_act"]
+__all__ = ["bn_stats", "bn_stats_of", "conv_bias_act", "conv_bn_stats", "scale_bias_act"]

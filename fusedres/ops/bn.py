@@ -52,6 +52,36 @@ def _stats_backward(ctx, grad_mean, grad_var):
 _stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
 
 
+def bn_stats_of(y: Tensor, mean: Tensor, var: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(mean, var) already computed for y (by `conv_bn_stats`' epilogue, without a gradient),
+    made differentiable in y as `bn_stats(y)` is: the forward copies them (no pass over y)."""
+    return _known_stats_op(y, mean, var, select_backend(backend, StatsInputs(y)).name)
+
+
+@torch.library.custom_op("fusedres::bn_stats_of", mutates_args=(),
+                         schema="(Tensor y, Tensor mean, Tensor var, str backend) -> (Tensor, Tensor)")
+def _known_stats_op(y, mean, var, backend):
+    return mean.clone(), var.clone()
+
+
+@_known_stats_op.register_fake
+def _(y, mean, var, backend):
+    return torch.empty_like(mean), torch.empty_like(var)
+
+
+def _known_stats_setup(ctx, inputs, output):
+    y, _mean, _var, backend = inputs
+    ctx.save_for_backward(y, output[0])
+    ctx.backend = backend
+
+
+def _known_stats_backward(ctx, grad_mean, grad_var):
+    return (*_stats_backward(ctx, grad_mean, grad_var)[:1], None, None, None)
+
+
+_known_stats_op.register_autograd(_known_stats_backward, setup_context=_known_stats_setup)
+
+
 def scale_bias_act(y: Tensor, scale: Tensor, bias: Tensor, residual: Tensor | None, residual_scale: Tensor | None,
                    residual_bias: Tensor | None, relu: bool, backend: str) -> Tensor:
     """act(y*scale + bias + r): `reference.scale_bias_act` (the block tail)."""

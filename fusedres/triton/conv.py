@@ -413,17 +413,18 @@ def conv_bn_stats(
     padding: int | tuple[int, int] | list[int] = (0, 0),
     dilation: int | tuple[int, int] | list[int] = (1, 1),
     groups: int = 1,
+    residual: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
     wrap_kernel: Callable[[Any], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, var): y = conv2d(P(x), weight) as `conv_bias_act` computes it (P, dtypes,
-    `out` and `wrap_kernel` as there), and its per-channel mean and biased variance over
-    (N, P, Q), fp32 of shape (OC,), computed in the conv's epilogue from y as stored (rounded
-    to x's dtype), like `fusedres.reference.conv_bn_stats`; NaN for an empty batch.
+    """(y, mean, var): y = conv2d(P(x), weight) + residual as `conv_bias_act` computes it (P,
+    dtypes, `out` and `wrap_kernel` as there), and its per-channel mean and biased variance
+    over (N, P, Q), fp32 of shape (OC,), computed in the conv's epilogue from y as stored
+    (rounded to x's dtype), like `fusedres.reference.conv_bn_stats`; NaN for an empty batch.
     """
-    geo = check_conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     in_scale=in_scale, in_shift=in_shift, prologue_relu=prologue_relu, out=out)
+    geo = check_conv(x, weight, residual=residual, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, in_scale=in_scale, in_shift=in_shift, prologue_relu=prologue_relu, out=out)
     out = _output(geo, x, out)
     mean = common.empty(geo.oc, dtype=torch.float32, device=x.device)
     var = common.empty(geo.oc, dtype=torch.float32, device=x.device)
@@ -436,8 +437,8 @@ def conv_bn_stats(
     p_rows = triton.cdiv(geo.m, _STATS_TILE_M)
     cnt = common.empty(p_rows, dtype=torch.int32, device=x.device)
     parts = tuple(common.empty((p_rows, geo.oc), dtype=torch.float32, device=x.device) for _ in range(3))
-    _launch(geo, x, weight, out, (cnt, *parts), wrap_kernel, in_scale=in_scale, in_shift=in_shift,
-            prologue_relu=prologue_relu)
+    _launch(geo, x, weight, out, (cnt, *parts), wrap_kernel, residual=residual, in_scale=in_scale,
+            in_shift=in_shift, prologue_relu=prologue_relu)
     common.combine_stats(cnt, *parts, mean, var, geo.m, p_rows, _STATS_TILE_M, True, wrap_kernel)
     return out, mean, var
 
