@@ -220,8 +220,12 @@ def test_reasons_for_dtypes_and_ops():
     assert triton.not_supported_reasons(_tail(half, vec, vec, x, vec, vec)) == []
     (reason,) = triton.not_supported_reasons(StatsInputs(x.double()))
     assert "float64 is not supported" in reason
-    reasons = triton.not_supported_reasons(_tail(x, vec.int(), vec, x[:, :2]))
+    reasons = triton.not_supported_reasons(_tail(x, vec.int(), vec, x[:, :, :2]))
     assert len(reasons) == 2 and "scale is torch.int32" in reasons[0] and "do not broadcast" in reasons[1]
+    # Fewer channels without a residual scale is the option-A shortcut (the rest add 0); with one it is not.
+    assert triton.not_supported_reasons(_tail(x, vec, vec, x[:, :2])) == []
+    (reason,) = triton.not_supported_reasons(_tail(x, vec, vec, x[:, :2], vec, vec))
+    assert "do not broadcast" in reason
     assert triton.not_supported_reasons(_NoSuchOpInputs(x)) == ["no Triton kernel for no_such_op"]
 
 
