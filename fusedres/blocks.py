@@ -346,7 +346,7 @@ class FusedBlockMixin:
         is not empty, and the shortcut is the identity, option A or a plain projection. (An empty batch
         takes the per-pair path, as nn.BatchNorm2d handles it, except where a BN is
         synchronised: every rank must then make the same collectives in the same order.)
-        The option-A shortcut qualifies: the tail reads it unpadded (`_subsampled`)."""
+        The tail reads the option-A shortcut unpadded (`_subsampled`)."""
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._conv_bn_names]
         if self.downsample is not None and type(self.downsample) is not ZeroPadShortcut:
             parts = split_projection(self.downsample)

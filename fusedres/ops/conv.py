@@ -45,13 +45,19 @@ def _op(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
     return chosen_backend(backend, "conv_bias_act").conv_bias_act(inputs)
 
 
+def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                      dilation: list[int]) -> tuple[int, int, int, int]:
+    """(N, OC, P, Q) of PyTorch's convolution output."""
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    return (n, weight.shape[0], reference.conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+            reference.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+
+
 def conv_output_like(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
                      dilation: list[int]) -> torch.Tensor:
     """An empty tensor shaped, typed and laid out as PyTorch's convolution output (the fakes)."""
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[2:]
-    shape = (n, weight.shape[0], reference.conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
-             reference.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    shape = conv_output_shape(x, weight, stride, padding, dilation)
     return x.new_empty(shape).contiguous(memory_format=reference.conv_output_memory_format(x, weight))
 
 

@@ -25,7 +25,7 @@ import torch
 from fusedres import reference
 from fusedres.backends import chosen_backend, select_backend
 from fusedres.backends.inputs import ConvBackwardInputs, ConvStatsInputs
-from fusedres.ops.conv import conv_output_like, prologue_grads
+from fusedres.ops.conv import conv_output_like, conv_output_shape, prologue_grads
 
 Tensor = torch.Tensor
 _SCHEMA = ("(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, bool prologue_relu, int[] stride, "
@@ -45,10 +45,7 @@ def conv_bn_stats(x: Tensor, weight: Tensor, in_scale: Tensor | None, in_shift: 
 
 def _check_residual(x: Tensor, weight: Tensor, stride, padding, dilation, residual: Tensor) -> None:
     """The residual has the conv output's shape: no backend broadcasts it."""
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[2:]
-    shape = (n, weight.shape[0], reference.conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
-             reference.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    shape = conv_output_shape(x, weight, stride, padding, dilation)
     if tuple(residual.shape) != shape:
         raise ValueError(f"conv_bn_stats: residual has shape {tuple(residual.shape)}, expected the conv output's "
                          f"{shape}")
