@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fusedres import cpu_plan, finite_guard, ops, sync_bn
+from fusedres import capture, cpu_plan, finite_guard, ops, sync_bn
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
@@ -75,13 +76,15 @@ def inactive(module: nn.Module | None) -> bool:
 
 
 # nn.SyncBatchNorm: the same parameters and buffers; its train-mode statistics are reduced
-# over its process group (fusedres.sync_bn).
-_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# over its process group (fusedres.sync_bn). torchvision's FrozenBatchNorm2d (detection
+# backbones): folded in train mode too.
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
 
 def _bn_reasons(name: str, bn: Any) -> list[str]:
     if type(bn) not in _BATCH_NORMS:
-        return [f"{name} is {type(bn).__name__}, not nn.BatchNorm2d or nn.SyncBatchNorm"]
+        return [f"{name} is {type(bn).__name__}, not nn.BatchNorm2d, nn.SyncBatchNorm or torchvision's "
+                "FrozenBatchNorm2d"]
     return []
 
 
@@ -292,7 +295,7 @@ class FusedBlockMixin:
         self._check_input(x)
         backend = resolve_backend_name(self.backend)
         dtype = self._compute_dtype(x)
-        if cpu_plan.applies(x, backend, dtype):
+        if cpu_plan.applies(x, backend, dtype, (self,)):
             plan = self._cpu_plan(dtype)
             if plan is not None:
                 out, out_bound = plan.run(x, bound)
@@ -375,6 +378,10 @@ class FusedBlockMixin:
         return ops.scale_bias_act(y, scale, shift, residual, residual_scale, residual_shift, True, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if capture.is_fx_proxy(x):  # torch.fx: one call_module node (fusedres.capture)
+            return capture.fx_leaf_call(self, x, self._unfused_forward)
+        if capture.onnx_exporting():  # the original block's ops: the graph torchvision's own export gives
+            return self._unfused_forward(x)
         reasons = self.unfusable_reasons()
         if reasons:
             if not self._warned_fallback:
@@ -383,6 +390,9 @@ class FusedBlockMixin:
                               RuntimeWarning, stacklevel=2)
             return self._unfused_forward(x)
         return self._fused_forward(x)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        capture.refuse_scripting(self)
 
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -32,6 +32,7 @@ from torch import nn
 
 from fusedres import ext, finite_guard, reference
 from fusedres.backends.torch_backend import _MKLDNN_POINTWISE
+from fusedres.folding import needs_autograd
 
 logger = logging.getLogger("fusedres")
 _PACKED_SHAPES = 4  # prepacked weights kept per conv (one per input shape seen; oldest dropped)
@@ -55,17 +56,20 @@ def _backend_runs_here(backend: str) -> bool:
     return backend in _BACKENDS and (backend != "cuda" or ext.has_kernels("cpu"))
 
 
-def applies(x: torch.Tensor, backend: str, dtype: torch.dtype) -> bool:
-    """Whether a block call can take the plan (the caller also needs every BN in eval mode)."""
+def applies(x: torch.Tensor, backend: str, dtype: torch.dtype, modules: tuple[nn.Module, ...]) -> bool:
+    """Whether a call of `modules` (a block, or the stem's conv and BN) can take the plan: the
+    caller also needs every BN in eval mode (or frozen). Autograd must record nothing: grad
+    mode off, or neither x nor a parameter requires a gradient (a frozen stage in training)."""
     return (
         x.dtype in DTYPES
         and dtype == x.dtype
         and x.device.type == "cpu"
         and type(x) is torch.Tensor  # no subclasses (fake, functional) and no tracing
         and _backend_runs_here(backend)
-        and not torch.is_grad_enabled()
+        and not needs_autograd(x, modules)
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # a traced graph keeps the ops (and their NaN checks), not oneDNN calls
         and x.numel() > 0
     )
 

@@ -14,9 +14,11 @@ or reused (BN is folded afresh, as it is on torch 2.11, whose broadcast bumps th
 and every fold cached before is dropped (`_broadcast_epoch` is part of each key): after such
 a forward, the buffers may hold another rank's statistics.
 
-The cache is used only when autograd is off (torch.no_grad / torch.inference_mode).
-With autograd on, folding is recomputed each call as differentiable tensor math, so
-gradients reach the conv and BN parameters; under torch.compile it is traced into the
+The cache is used only when autograd records nothing (torch.no_grad / torch.inference_mode,
+or no parameter of the pair requires a gradient: a frozen layer) and nothing records a graph
+(torch.jit.trace, ONNX export: the graph folds from the parameters). When autograd records,
+folding is recomputed each call as differentiable tensor math, so gradients reach the conv
+and BN parameters; under torch.compile it is traced into the
 graph, where inductor constant-folds it (e.g. with freezing).
 """
 
@@ -26,13 +28,35 @@ import warnings
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fusedres import reference
 
 
-def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    """True when `bn` normalises with batch statistics (the rule nn.BatchNorm2d uses)."""
+def is_frozen(bn: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (which timm uses too) or timm's FrozenBatchNormAct2d: a BN
+    whose weight, bias and running statistics are buffers, used in train mode as in eval."""
+    cls = type(bn)
+    return cls is FrozenBatchNorm2d or (cls.__name__ == "FrozenBatchNormAct2d" and cls.__module__.startswith("timm."))
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """True when `bn` normalises with batch statistics (the rule nn.BatchNorm2d uses; a frozen
+    BN never does)."""
+    if is_frozen(bn):
+        return False
     return bn.training or bn.running_mean is None or bn.running_var is None
+
+
+def needs_autograd(x: torch.Tensor | None, modules: tuple[nn.Module, ...]) -> bool:
+    """Whether autograd records a computation on `x` with these modules' parameters: grad mode
+    is on and x or a parameter requires a gradient. (A frozen backbone stage in training, e.g.
+    a detector's layer1 with FrozenBatchNorm2d, records nothing: it may run as in eval.)"""
+    if not torch.is_grad_enabled():
+        return False
+    if x is not None and x.requires_grad:
+        return True
+    return any(p.requires_grad for m in modules for p in m.parameters())
 
 
 def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +114,13 @@ def cache_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple 
         _broadcast_epoch += 1
         return None
     params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+    # A frozen BN keeps its weight and bias as buffers.
+    bn_weight = bn_params["weight"] if "weight" in bn_params else buffers.get("weight")
+    bn_bias = bn_params["bias"] if "bias" in bn_params else buffers.get("bias")
     # num_batches_tracked too: nn.BatchNorm2d's training forward updates the running stats
     # inside the batch_norm kernel, which leaves their version counters alone, and counts the
     # batch with an in-place add, which does not.
-    tensors = (params.get("weight"), params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
+    tensors = (params.get("weight"), params.get("bias"), bn_weight, bn_bias,
                buffers.get("running_mean"), buffers.get("running_var"), buffers.get("num_batches_tracked"))
     try:
         return (dtype, bn.eps, _broadcast_epoch, *(_tensor_key(t) for t in tensors))
@@ -126,8 +153,8 @@ class FoldCache:
     def folded(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv weight (in `dtype`) and bias (float32, float64 for float64) with `bn` folded in."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return fold(conv, bn, dtype)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or needs_autograd(None, (conv, bn)):
+            return fold(conv, bn, dtype)  # traced: the graph folds from the parameters, as it would read them
         key = cache_key(conv, bn, dtype)
         if key is None:
             return fold(conv, bn, dtype)

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusedres import handoff, ops, reference
+from fusedres import capture, handoff, ops, reference
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
 from fusedres.blocks import check_block_input, compute_dtype, conv_reasons, conv_stats_scale_bias, inactive
-from fusedres.folding import FoldCache, uses_batch_stats
+from fusedres.folding import FoldCache, is_frozen, uses_batch_stats
 
 
 class BatchNormReLU(nn.BatchNorm2d):
@@ -74,14 +74,15 @@ def _norm_reasons(name: str, norm: Any) -> list[str]:
     if type(norm) is BatchNormReLU:
         return []
     cls = type(norm)
-    if cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.") and isinstance(norm, nn.BatchNorm2d):
+    timm_bn_act = cls.__name__ == "BatchNormAct2d" and isinstance(norm, nn.BatchNorm2d)
+    if cls.__module__.startswith("timm.") and (timm_bn_act or is_frozen(norm)):  # frozen: FrozenBatchNormAct2d
         if type(getattr(norm, "act", None)) is not nn.ReLU:
             return [f"{name}'s activation is {type(getattr(norm, 'act', None)).__name__}, not nn.ReLU"]
         if not inactive(getattr(norm, "drop", None)):
             return [f"{name}'s dropout ({type(norm.drop).__name__}) is in effect"]
         return []
-    return [f"{name} is {cls.__name__}, not a BatchNorm2d followed by ReLU (timm's BatchNormAct2d with nn.ReLU, "
-            f"or fusedres.preact.BatchNormReLU)"]
+    return [f"{name} is {cls.__name__}, not a BatchNorm2d followed by ReLU (timm's BatchNormAct2d or "
+            f"FrozenBatchNormAct2d with nn.ReLU, or fusedres.preact.BatchNormReLU)"]
 
 
 def _one_by_one_reasons(name: str, conv: Any) -> list[str]:
@@ -163,6 +164,10 @@ class PreActBlockMixin:
     # ---- forward -----------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if capture.is_fx_proxy(x):  # torch.fx: one call_module node (fusedres.capture)
+            return capture.fx_leaf_call(self, x, self._unfused_forward)
+        if capture.onnx_exporting():  # the original block's ops: the graph timm's own export gives
+            return self._unfused_forward(x)
         reasons = self.unfusable_reasons()
         if reasons:
             if not self._warned_fallback:
@@ -176,6 +181,9 @@ class PreActBlockMixin:
         if self._runs_as_train_chain(x):
             return self._train_chain(x, backend, dtype)
         return self._general_forward(x, backend, dtype)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        capture.refuse_scripting(self)
 
     def _unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """timm's forward, with these modules."""

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fusedres import cpu_plan, finite_guard, ops
+from fusedres import capture, cpu_plan, finite_guard, ops
 from fusedres.backends import resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias
 from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
@@ -45,7 +46,8 @@ _TIMM_MODULE = "timm.models.resnet"
 def _stem_modules(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module] | None:
     act = getattr(model, "relu", None) if isinstance(model, tv_resnet.ResNet) else getattr(model, "act1", None)
     conv, bn = getattr(model, "conv1", None), getattr(model, "bn1", None)
-    if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or type(act) is not nn.ReLU:
+    if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d) or (
+            type(act) is not nn.ReLU):
         return None  # e.g. timm's deep stems (conv1 is a Sequential)
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
@@ -55,11 +57,13 @@ def _stem_modules(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Modul
 def _fused_stem(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """relu(bn1(conv1(x))), fused where the module doc says, and a bound on it (or None)."""
     conv, bn, act = _stem_modules(model)
+    if not isinstance(x, torch.Tensor) or capture.onnx_exporting():
+        return act(bn(conv(x))), None  # torch.fx or ONNX: the three modules, as the original model's trace has them
     autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
-    if type(bn) is nn.SyncBatchNorm and uses_batch_stats(bn) and isinstance(x, torch.Tensor):
+    if type(bn) is nn.SyncBatchNorm and uses_batch_stats(bn):
         # nn.SyncBatchNorm's own forward refuses CPU tensors once torch.distributed is up
         return _synced_stem(model, conv, bn, x), None
-    if uses_batch_stats(bn) or not isinstance(x, torch.Tensor) or x.dim() != 4 or (
+    if uses_batch_stats(bn) or x.dim() != 4 or (
             x.dtype != conv.weight.dtype and not autocast) or x.device != conv.weight.device:
         return act(bn(conv(x))), None  # training, or an input PyTorch's own error messages should name
     backend = resolve_backend_name(model.__dict__.get(BACKEND_ATTR, "auto"))
@@ -67,7 +71,7 @@ def _fused_stem(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float 
     cache = model.__dict__.get(CACHE_ATTR)
     if cache is None:
         cache = model.__dict__[CACHE_ATTR] = FoldCache()
-    if not autocast and cpu_plan.applies(x, backend, dtype):
+    if not autocast and cpu_plan.applies(x, backend, dtype, (conv, bn)):
         out, bound = _planned(cache, conv, bn, x)
         if out is not None:
             return out, bound
@@ -149,6 +153,9 @@ def _layers(layers: tuple[nn.Module, ...], x: torch.Tensor, bound: float | None)
 class FusedResNet(tv_resnet.ResNet):
     """torchvision.models.ResNet with its stem fused (fusedres.stem); made by convert()."""
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        capture.refuse_scripting(self)
+
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = _layers((self.layer1, self.layer2, self.layer3, self.layer4), *_pool(self, *_fused_stem(self, x)))
         x = self.avgpool(x)
@@ -167,6 +174,9 @@ def _fused_timm_class() -> type:
 
         class FusedTimmResNet(timm_resnet.ResNet):
             """timm.models.resnet.ResNet with its stem fused (fusedres.stem); made by convert()."""
+
+            def __prepare_scriptable__(self) -> nn.Module:
+                capture.refuse_scripting(self)
 
             def forward_features(self, x: torch.Tensor) -> torch.Tensor:
                 if self.grad_checkpointing and not torch.jit.is_scripting():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from torch import nn
 import fusedres
 from fusedres.bench.cudnn_fused import CudnnFusedResNet
 from fusedres.bench.workload import MODELS, Workload, activate_fused_blocks
+from fusedres.bench.workload import loss as workload_loss
 
 BASELINES: tuple[str, ...] = ("eager_nchw_fp32", "eager_cl", "compile", "compile_freezing",
                               "compile_max_autotune", "cudnn_fused")
@@ -53,8 +55,10 @@ class Runner:
 
     def __init__(self, module: Callable, params: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                  mode: str, autocast_dtype: torch.dtype | None, tf32_enabled: bool | None = None,
-                 compile_context: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+                 compile_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.module = module
+        self.loss = loss or (lambda out, labels: F.cross_entropy(out.float(), labels))
         self.params = params  # the nn.Module whose parameters train (not a compiled wrapper)
         self.x, self.labels, self.mode = x, labels, mode
         self.autocast_dtype = autocast_dtype
@@ -73,7 +77,7 @@ class Runner:
     def _forward_backward(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         out = self._forward()
-        F.cross_entropy(out.float(), self.labels).backward()
+        self.loss(out, self.labels).backward()
         return out
 
     def step(self) -> None:
@@ -136,17 +140,18 @@ def build_candidates(model: nn.Module, work: Workload, x: torch.Tensor, labels: 
     dt = _dtype_label(work)
     x_cl = _inputs(work, x)
     train = work.mode == "training"
+    loss = functools.partial(workload_loss, work.model)
 
     def cl_runner(module_fn: Callable[[nn.Module], Callable], compile_context=None) -> Callable[[], Runner]:
         def build() -> Runner:
             m = _low_precision_copy(model, work)
             return Runner(module_fn(m), m, x_cl, labels, work.mode, _autocast(work),
-                          compile_context=compile_context)
+                          compile_context=compile_context, loss=loss)
         return build
 
     def eager_nchw() -> Runner:
         m = copy.deepcopy(model).to(work.device).train(train)
-        return Runner(m, m, x, labels, work.mode, None, tf32_enabled=True if on_cuda else None)
+        return Runner(m, m, x, labels, work.mode, None, tf32_enabled=True if on_cuda else None, loss=loss)
 
     def freezing_context():
         # Freezing (constant-folding weights into the graph) applies to inference only. It is
@@ -156,7 +161,7 @@ def build_candidates(model: nn.Module, work: Workload, x: torch.Tensor, labels: 
 
     def cudnn_fused() -> Runner:
         m = CudnnFusedResNet(copy.deepcopy(model).to(work.device).eval(), work.torch_dtype)
-        return Runner(m, m, x_cl, labels, work.mode, None)
+        return Runner(m, m, x_cl, labels, work.mode, None, loss=loss)
 
     def fusedres_runner(backend: str) -> Callable[[], Runner]:
         # convert() fuses torchvision's blocks; a fusedres CIFAR network's own blocks run fused again.

@@ -5,6 +5,7 @@
     fusedres-bench --model resnet18 --batch 64 128 --dtype fp16 --mode training
     fusedres-bench --candidates eager_cl compile fusedres_triton --repeats 10
     fusedres-bench --model cifar_resnet56 --batch 128   # fusedres's CIFAR networks: 32x32, 10 classes
+    fusedres-bench --model fpn_resnet50_body --mode inference training   # a detection backbone (FrozenBatchNorm2d)
 
 Baselines: eager NCHW fp32, eager channels_last, torch.compile default; for inference with
 inductor freezing (weights folded in as constants) "compile default+freezing" on the CPU and
@@ -56,7 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fusedres-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default="resnet50", choices=ALL_MODELS,
-                   help="a torchvision ResNet, or fusedres's CIFAR networks (cifar_*: 10 classes, 32x32 by default)")
+                   help="a torchvision ResNet, fusedres's CIFAR networks (cifar_*: 10 classes, 32x32 by default), "
+                        "or fpn_resnet50_body: the ResNet-50 body of torchvision's FPN detection models "
+                        "(FrozenBatchNorm2d, layers 2-4 trainable; a training step's loss is its features' mean "
+                        "square)")
     p.add_argument("--batch", type=int, nargs="+", help="batch size(s) (default: 256 on a GPU, 8 on a CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--mode", nargs="+", choices=MODES,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fusedres.bench import workload
 from fusedres.bench.candidates import Runner, tf32
 from fusedres.bench.workload import Workload
 
@@ -42,8 +42,8 @@ def reference_outputs(model: nn.Module, work: Workload, x: torch.Tensor, labels:
             with torch.inference_mode():
                 return Reference(m.eval()(x).float(), {})
         out = m.train()(x)
-        F.cross_entropy(out, labels).backward()
-        return Reference(out.detach(), {n: p.grad.detach() for n, p in m.named_parameters()})
+        workload.loss(work.model, out, labels).backward()
+        return Reference(out.detach(), {n: p.grad.detach() for n, p in m.named_parameters() if p.requires_grad})
 
 
 def relative_errors(logits: torch.Tensor, grads: dict[str, torch.Tensor], ref: Reference) -> dict[str, float]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 MODELS: tuple[str, ...] = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -17,7 +19,9 @@ CIFAR_MODELS: tuple[str, ...] = (
     *(f"cifar_{kind}{depth}" for kind in ("resnet", "plain") for depth in (20, 32, 44, 56, 110)),
     "cifar_preact_resnet110", "cifar_preact_resnet164",
 )
-ALL_MODELS: tuple[str, ...] = MODELS + CIFAR_MODELS
+# The FPN ResNet-50 body of torchvision's detection models (`DetectionBody`).
+DETECTION_MODELS: tuple[str, ...] = ("fpn_resnet50_body",)
+ALL_MODELS: tuple[str, ...] = MODELS + CIFAR_MODELS + DETECTION_MODELS
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES: tuple[str, ...] = ("inference", "training")
 NUM_CLASSES = 1000
@@ -40,13 +44,44 @@ class Workload:
         return f"{self.model}, {self.mode}, batch {self.batch}, {self.image_size}x{self.image_size}, {self.dtype}"
 
 
+class DetectionBody(nn.Module):
+    """The ResNet-50 body of torchvision's FPN detection models (Faster/Mask/Keypoint R-CNN,
+    RetinaNet, FCOS) as their ImageNet-weights constructors build it: FrozenBatchNorm2d
+    everywhere, conv1 and layer1 frozen (trainable_backbone_layers=3). It returns its four
+    feature maps (layer1..layer4) flattened into one (N, K) tensor, so that the rows' parity
+    check compares every value; a training step's loss is their mean square."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        self.body = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3).body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f.flatten(1) for f in self.body(x).values()], 1)
+
+
+def loss(name: str, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A training step's loss: cross-entropy of the logits, or for a detection body the mean
+    square of its features."""
+    if name in DETECTION_MODELS:
+        return out.float().square().mean()
+    return F.cross_entropy(out.float(), labels)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:
     """Trained-like BatchNorm state (random init has mean 0, var 1, weight 1, bias 0), so
-    that folding and every BN term are really exercised by the parity check."""
+    that folding and every BN term are really exercised by the parity check (frozen BNs too)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.numel()
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(1 + torch.randn(c, generator=gen) * 0.2)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+            elif isinstance(m, nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
@@ -64,12 +99,15 @@ def default_image_size(name: str) -> int:
 
 def build_model(name: str, seed: int = 0) -> nn.Module:
     """The model as eager PyTorch, in float32 on the CPU, with fixed random weights: a
-    torchvision ResNet, or a fusedres CIFAR network whose blocks run their plain-module
-    forward (`eager_blocks`; `activate_fused_blocks` turns them back into fused ones)."""
+    torchvision ResNet, a detection body (`DetectionBody`), or a fusedres CIFAR network whose
+    blocks run their plain-module forward (`eager_blocks`; `activate_fused_blocks` turns them
+    back into fused ones)."""
     if name not in ALL_MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(ALL_MODELS)}")
     torch.manual_seed(seed)
-    if name in CIFAR_MODELS:
+    if name in DETECTION_MODELS:
+        model = DetectionBody()
+    elif name in CIFAR_MODELS:
         import fusedres
 
         model = eager_blocks(getattr(fusedres.models, name)(num_classes=num_classes(name)))
@@ -147,7 +185,11 @@ def block_stages(model: nn.Module, image_size: int) -> list[Stage]:
     with torch.no_grad():
         model = model.eval()
         x = torch.zeros(1, 3, image_size, image_size)
-        if isinstance(model, CifarPreActResNet):
+        if isinstance(model, DetectionBody):
+            model = model.body
+            stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+            layers, head = ("layer1", "layer2", "layer3", "layer4"), None
+        elif isinstance(model, CifarPreActResNet):
             stem, layers, head = model.conv1, ("layer1", "layer2", "layer3"), [model.norm]
         elif isinstance(model, CifarResNet):
             stem, layers, head = nn.Sequential(model.conv1, model.bn1, model.relu), ("layer1", "layer2", "layer3"), []
@@ -163,8 +205,9 @@ def block_stages(model: nn.Module, image_size: int) -> list[Stage]:
                 out = block(y)
                 add(f"{layer_name}.{i}", block, y, out)
                 y = out
-        head = nn.Sequential(*head, model.avgpool, nn.Flatten(1), model.fc)
-        add("head", head, y, head(y))
+        if head is not None:  # a detection body has none
+            head = nn.Sequential(*head, model.avgpool, nn.Flatten(1), model.fc)
+            add("head", head, y, head(y))
     return stages
 
 

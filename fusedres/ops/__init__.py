@@ -23,13 +23,19 @@ Following one op from here to its kernel, on the triton backend (three files):
   3. `fusedres/triton/conv.py`: the launcher `conv_bn_stats` (the same kernel with `STATS`,
      then the statistics combine).
 
+Exporters see each op's plain-PyTorch definition instead (`fusedres/ops/decompositions.py`).
+
 The shared Triton helpers (configs, pruning, allocation, `mma`, the dtype set, the
 per-channel partial sums) are in `fusedres/triton/common.py`; the semantics, forward and
 backward, in `fusedres/reference.py`.
 """
 
+from fusedres.ops import decompositions
 from fusedres.ops.bn import bn_stats, bn_stats_of, scale_bias_act
 from fusedres.ops.conv import conv_bias_act
 from fusedres.ops.conv_train import conv_bn_stats
+from fusedres.ops.decompositions import DECOMPOSITIONS
 
-__all__ = ["bn_stats", "bn_stats_of", "conv_bias_act", "conv_bn_stats", "scale_bias_act"]
+decompositions.register()
+
+__all__ = ["DECOMPOSITIONS", "bn_stats", "bn_stats_of", "conv_bias_act", "conv_bn_stats", "scale_bias_act"]

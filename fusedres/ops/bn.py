@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedres import reference
+from fusedres import capture, reference
 from fusedres.backends import chosen_backend, select_backend
 from fusedres.backends.inputs import StatsInputs, TailInputs
 
@@ -23,6 +23,8 @@ Tensor = torch.Tensor
 
 def bn_stats(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of y over (N, H, W), in the accumulation dtype."""
+    if capture.onnx_exporting():
+        return reference.bn_stats(y)
     return _stats_op(y, select_backend(backend, StatsInputs(y)).name)
 
 
@@ -55,6 +57,8 @@ _stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
 def bn_stats_of(y: Tensor, mean: Tensor, var: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(mean, var) already computed for y (by `conv_bn_stats`' epilogue, without a gradient),
     made differentiable in y as `bn_stats(y)` is: the forward copies them (no pass over y)."""
+    if capture.onnx_exporting():
+        return mean, var
     return _known_stats_op(y, mean, var, select_backend(backend, StatsInputs(y)).name)
 
 
@@ -85,6 +89,8 @@ _known_stats_op.register_autograd(_known_stats_backward, setup_context=_known_st
 def scale_bias_act(y: Tensor, scale: Tensor, bias: Tensor, residual: Tensor | None, residual_scale: Tensor | None,
                    residual_bias: Tensor | None, relu: bool, backend: str) -> Tensor:
     """act(y*scale + bias + r): `reference.scale_bias_act` (the block tail)."""
+    if capture.onnx_exporting():
+        return reference.scale_bias_act(y, scale, bias, residual, residual_scale, residual_bias, relu)
     inputs = TailInputs(y, scale, bias, residual, residual_scale, residual_bias, relu)
     return _tail_op(*inputs.args(), select_backend(backend, inputs).name)[0]
 
@@ -101,10 +107,14 @@ def _tail_op(y, scale, bias, residual, residual_scale, residual_bias, relu, back
 
 @_tail_op.register_fake
 def _(y, scale, bias, residual, residual_scale, residual_bias, relu, backend):
-    # The mask's size depends on the backend (1 bit per element where it makes one).
-    mask_bytes = (y.numel() + 7) // 8 if relu and chosen_backend(backend, "scale_bias_act").relu_mask else 0
     out = torch.empty_like(y, memory_format=reference.suggest_memory_format(y))
-    return out, y.new_empty(mask_bytes, dtype=torch.uint8)
+    return out, y.new_empty(tail_mask_bytes(y, relu, backend), dtype=torch.uint8)
+
+
+def tail_mask_bytes(y: Tensor, relu: bool, backend: str) -> int:
+    """The size of scale_bias_act's second output, the ReLU mask: 1 bit per element where the
+    backend makes one, else empty."""
+    return (y.numel() + 7) // 8 if relu and chosen_backend(backend, "scale_bias_act").relu_mask else 0
 
 
 def _tail_setup(ctx, inputs, output):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedres import reference
+from fusedres import capture, reference
 from fusedres.backends import chosen_backend, select_backend
 from fusedres.backends.inputs import ConvInputs
 
@@ -31,6 +31,10 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     loading x; the other backends write it first), else x."""
     if (in_scale is None) != (in_shift is None):
         raise ValueError("conv_bias_act: in_scale and in_shift must be given together")
+    if capture.onnx_exporting():  # standard operators only (fusedres.ops.decompositions)
+        return reference.conv_bias_act(x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride),
+                                       list(padding), list(dilation), groups, list(shortcut_stride), relu, in_scale,
+                                       in_shift)
     inputs = ConvInputs(x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride), list(padding),
                         list(dilation), groups, list(shortcut_stride), relu, in_scale, in_shift)
     impl = select_backend(backend, inputs, tune=True)
@@ -89,7 +93,7 @@ def _backward(ctx, grad):
     x, weight, shortcut_x, shortcut_weight, out, in_scale, in_shift = ctx.saved_tensors
     stride, padding, dilation, groups, shortcut_stride, relu = ctx.conv_args
     needs = ctx.needs_input_grad
-    g = grad.masked_fill(out <= 0, 0) if relu else grad
+    g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad  # one pass, as torch.relu's backward
     g = g.to(x.dtype)
     has_prologue = in_scale is not None
     # The prologue is recomputed (one elementwise pass), not saved.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedres import reference
+from fusedres import capture, reference
 from fusedres.backends import chosen_backend, select_backend
 from fusedres.backends.inputs import ConvBackwardInputs, ConvStatsInputs
 from fusedres.ops.conv import conv_output_like, conv_output_shape, prologue_grads
@@ -38,6 +38,9 @@ def conv_bn_stats(x: Tensor, weight: Tensor, in_scale: Tensor | None, in_shift: 
     """(y, mean, var): `reference.conv_bn_stats` on `backend` (see `fusedres.backends`)."""
     if residual is not None:
         _check_residual(x, weight, stride, padding, dilation, residual)
+    if capture.onnx_exporting():  # standard operators only (fusedres.ops.decompositions)
+        return reference.conv_bn_stats(x, weight, in_scale, in_shift, prologue_relu, list(stride), list(padding),
+                                       list(dilation), groups, residual)
     inputs = ConvStatsInputs(x, weight, in_scale, in_shift, prologue_relu, list(stride), list(padding),
                              list(dilation), groups, residual)
     return _op(*inputs.args(), select_backend(backend, inputs).name)
