@@ -31,10 +31,10 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fusedres import capture, cpu_plan, finite_guard, ops, sync_bn
+from fusedres import capture, cpu_plan, finite_guard, ops, reference, sync_bn
 from fusedres.backends import check_backend_name, resolve_backend_name
 from fusedres.batchnorm import batch_norm_scale_bias, check_count, scale_bias_from_stats
-from fusedres.folding import FoldCache, cache_key, fold, uses_batch_stats
+from fusedres.folding import FoldCache, cache_key, fold, needs_autograd, uses_batch_stats
 from fusedres.shortcuts import ZeroPadShortcut, check_option_a
 
 
@@ -139,6 +139,30 @@ def conv_stats_scale_bias(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, 
     return y, *scale_bias_from_stats(mean, var, count, bn, backend, where)
 
 
+def fold_costs_more(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> bool:
+    """Whether a BN with running statistics (eval, or frozen) is better applied after the conv
+    than folded into it: when autograd records the fold, it is a pass over the weights in the
+    forward and another in the backward, against the one pass over the conv's output (and one
+    back) that applying the BN costs. So: fold unless autograd records it and the weights are
+    at least as large as the output (small batches and late stages)."""
+    if not needs_autograd(None, (conv, bn)):
+        return False
+    n, _, h, w = x.shape
+    out_h = reference.conv_output_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
+    out_w = reference.conv_output_size(w, conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1])
+    return conv.weight.numel() >= n * conv.out_channels * out_h * out_w
+
+
+def bn_scale_bias(y: torch.Tensor, bn: nn.Module, backend: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with y*scale + shift == bn(y): from y's batch statistics where `bn` uses
+    them (updating its running statistics), else from its running statistics (differentiable
+    in its affine parameters)."""
+    if uses_batch_stats(bn):
+        return batch_norm_scale_bias(y, bn, backend, where)
+    acc = reference.accumulation_dtype(y.dtype)
+    return reference.bn_finalize(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a block's convolutions run in: autocast's, else the input's."""
     device_type = x.device.type
@@ -236,8 +260,10 @@ class FusedBlockMixin:
     def _conv_bn(self, name: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *,
                  relu: bool, backend: str, dtype: torch.dtype,
                  shortcut: torch.Tensor | Projection | None = None) -> torch.Tensor:
-        """relu?(bn(conv(x)) + shortcut), on the folded or the batch-statistics path."""
-        if uses_batch_stats(bn):
+        """relu?(bn(conv(x)) + shortcut): folded, or conv then one `scale_bias_act` pass (batch
+        statistics, or running statistics where folding under autograd costs more, see
+        `fold_costs_more`)."""
+        if uses_batch_stats(bn) or fold_costs_more(x, conv, bn):
             return self._conv_bn_batch_stats(x, conv, bn, relu=relu, backend=backend, dtype=dtype,
                                              shortcut=shortcut)
         weight, bias = self._fold_cache.folded(name, conv, bn, dtype)
@@ -262,15 +288,15 @@ class FusedBlockMixin:
     def _conv_bn_batch_stats(self, x, conv, bn, *, relu, backend, dtype, shortcut):
         where = f"{self.describe()}: "
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        scale, bias = batch_norm_scale_bias(y, bn, backend, where)
+        scale, bias = bn_scale_bias(y, bn, backend, where)
         residual, residual_scale, residual_bias = shortcut, None, None
         if isinstance(shortcut, ZeroPad):  # the tail adds it to the first channels, unpadded
             residual = _subsampled(shortcut.x, shortcut.module)
         elif isinstance(shortcut, Projection):
-            if uses_batch_stats(shortcut.bn):
-                sc = shortcut.conv
+            sc = shortcut.conv
+            if uses_batch_stats(shortcut.bn) or fold_costs_more(shortcut.x, sc, shortcut.bn):
                 residual = F.conv2d(shortcut.x, sc.weight, sc.bias, sc.stride, sc.padding, sc.dilation, sc.groups)
-                residual_scale, residual_bias = batch_norm_scale_bias(residual, shortcut.bn, backend, where)
+                residual_scale, residual_bias = bn_scale_bias(residual, shortcut.bn, backend, where)
             else:
                 residual = self._conv_bn("downsample", shortcut.x, shortcut.conv, shortcut.bn, relu=False,
                                          backend=backend, dtype=dtype)

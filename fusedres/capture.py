@@ -36,11 +36,6 @@ def onnx_exporting() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
-def jit_tracing() -> bool:
-    """True while torch.jit.trace (or the TorchScript ONNX exporter) records a graph."""
-    return torch.jit.is_tracing()
-
-
 def is_fx_proxy(x: object) -> bool:
     return isinstance(x, torch.fx.Proxy)
 

@@ -289,3 +289,23 @@ def test_eager_and_fused_cifar_models_differ_only_in_the_forward():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_runs_the_detection_body_in_both_modes(tmp_path):
+    """fpn_resnet50_body: torchvision's detection backbone body (FrozenBatchNorm2d, layers 2-4
+    trainable); the fused rows fuse every block and pass the parity gate; the gradients checked
+    are the trainable parameters' only."""
+    record = cli.run(["--model", "fpn_resnet50_body", "--batch", "1", "--image-size", "32", "--repeats", "1",
+                      "--no-progress", "--mode", "inference", "training", "--candidates", "fusedres_auto",
+                      "cudnn_fused", "--out-dir", str(tmp_path), "--no-chart"])
+    for run in record["runs"]:
+        rows = _rows(run)
+        for key in ("eager_cl", "fusedres_auto"):
+            assert rows[key]["status"] == "ok", rows[key]
+        assert rows["cudnn_fused"]["status"] == "unavailable"
+        assert run["flops_per_image"] == pytest.approx(2 * 4.09e9 * (32 / 224) ** 2, rel=0.1)  # ResNet-50 minus fc
+    assert "grads" in _rows(record["runs"][1])["fusedres_auto"]["parity"]["errors"]
+    model = build_model("fpn_resnet50_body")
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    assert fusedres.convert(model).body.layer1[0].__class__ is fusedres.Bottleneck

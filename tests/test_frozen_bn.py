@@ -69,8 +69,9 @@ def _assert_same_training(original: nn.Module, fused: nn.Module, x: torch.Tensor
         assert_close_scaled(f, g, GRAD_RTOL, "input grad" if i == 0 else f"grad of parameter {i - 1}")
 
 
+@pytest.mark.parametrize("size", [3, 9])  # 3: every conv applies its BN after it in training; 9: some fold
 @pytest.mark.parametrize("kind", ["basic", "bottleneck", "bottleneck-projection", "resnext"])
-def test_frozen_blocks_fuse_in_eval_and_train(kind):
+def test_frozen_blocks_fuse_in_eval_and_train(kind, size):
     from torchvision.models import resnet as tv
 
     frozen = FrozenBatchNorm2d
@@ -85,7 +86,7 @@ def test_frozen_blocks_fuse_in_eval_and_train(kind):
     block = randomize_frozen(block.double())
     fused = convert_no_warning(nn.Sequential(block))[0]
     assert isinstance(fused, fusedres.BasicBlock | fusedres.Bottleneck) and not fused.unfusable_reasons()
-    x = make_input(shape=(2, block.conv1.in_channels, 9, 9))
+    x = make_input(shape=(2, block.conv1.in_channels, size, size))
     for train in (False, True):
         block.train(train)
         fused.train(train)
@@ -94,18 +95,28 @@ def test_frozen_blocks_fuse_in_eval_and_train(kind):
         _assert_same_training(block, fused, x)
 
 
-def test_frozen_block_does_not_write_the_conv_output_unfused(monkeypatch):
-    """Train mode runs folded conv_bias_act ops (the inference fusion), never BatchNorm's own path."""
+@pytest.mark.parametrize("size,folded", [(16, 3), (2, 0)], ids=["large-output", "small-output"])
+def test_frozen_block_in_train_mode_folds_where_the_weights_are_smaller(monkeypatch, size, folded):
+    """Train mode runs the inference fusion (folded conv_bias_act) where a conv's weights are
+    smaller than its output; otherwise conv + one scale_bias_act pass (folding under autograd
+    would cost a pass over the weights each way). Never FrozenBatchNorm2d's own forward."""
     from torchvision.models import resnet as tv
 
     block = randomize_frozen(tv.Bottleneck(64, 16, norm_layer=FrozenBatchNorm2d).double())
-    fused = convert_no_warning(nn.Sequential(block))[0].train()
-    calls = []
-    real = fusedres.ops.conv.conv_bias_act
-    monkeypatch.setattr(fusedres.blocks.ops, "conv_bias_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = convert_no_warning(nn.Sequential(copy.deepcopy(block)))[0].train()
+    x = make_input(shape=(2, 64, size, size)).requires_grad_()
+    block.train()(x).sum().backward()
+    expected, x.grad = x.grad, None
+    calls = {"conv_bias_act": 0, "scale_bias_act": 0}
+    for name in calls:
+        real = getattr(fusedres.ops, name)
+        monkeypatch.setattr(fusedres.blocks.ops, name,
+                            lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1)
+                            or _real(*a, **k))
     monkeypatch.setattr(FrozenBatchNorm2d, "forward", lambda *_: pytest.fail("FrozenBatchNorm2d.forward ran"))
-    fused(make_input(shape=(2, 64, 8, 8)).requires_grad_()).sum().backward()
-    assert len(calls) == 3
+    fused(x).sum().backward()
+    assert calls == {"conv_bias_act": folded, "scale_bias_act": 3 - folded}
+    assert_close_scaled(x.grad, expected, GRAD_RTOL, "input grad")
 
 
 def test_load_state_dict_of_frozen_buffers_refolds():
